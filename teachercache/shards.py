@@ -1,0 +1,199 @@
+"""Shard files: one Arrow IPC file of encoded rows each.
+
+A ShardWriter writes to a temporary name beside the final one (``NAME.partial-PID``), and only when it
+is closed without an error does it flush, fsync, rename to the final name and fsync the directory. A
+writer that dies leaves at most a ``.partial-`` file, which no reader opens: the manifest never names it,
+and an IPC file cut short has no footer, so even opened by hand it is refused.
+
+A ShardReader memory-maps a shard and reads only the columns asked for (Arrow's ``included_fields``):
+a logits-only student never touches, or decompresses, the hidden-state columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from . import schema as S
+from .batch import RowBatch
+from .codec import decode_batch, encode_batch
+from .errors import CacheCorruptError, CacheFormatError, CacheVersionError
+
+ZSTD_LEVEL = 7
+"""Arrow IPC buffer compression level (zstd); tools/bench_codec.py measured the trade-off."""
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest records of one finished shard."""
+
+    file: str
+    """Path relative to the cache directory, POSIX separators."""
+    rows: int
+    tokens: int
+    target_positions: int
+    target_entries: int
+    bytes: int
+    sha256: str
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Context manager writing RowBatches into one shard file, atomically.
+
+    >>> with ShardWriter(cache_dir / "shards/part-r000-00000.arrow", layout, relative_to=cache_dir) as w:
+    ...     w.write(batch)
+    >>> w.info   # ShardInfo, filled in after a clean exit
+    """
+
+    def __init__(self, path: str | os.PathLike, layout: S.Layout, *, relative_to: str | os.PathLike | None = None,
+                 zstd_level: int = ZSTD_LEVEL):
+        self.path = Path(path)
+        self.layout = layout
+        self.relative_to = Path(relative_to) if relative_to is not None else self.path.parent
+        self.tmp_path = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+        self._options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
+        self._sink = self._writer = None
+        self._counts = dict(rows=0, tokens=0, target_positions=0, target_entries=0)
+        self.info: ShardInfo | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sink = pa.OSFile(str(self.tmp_path), "wb")
+        self._writer = ipc.new_file(self._sink, self.layout.schema(), options=self._options)
+        return self
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes in the file so far (compressed); used to cut shards by size."""
+        return self._sink.tell() if self._sink is not None else 0
+
+    def write(self, batch: RowBatch) -> None:
+        self.write_record_batch(encode_batch(batch, self.layout, where=str(self.path)))
+
+    def write_record_batch(self, record: pa.RecordBatch) -> None:
+        """Write an already encoded record batch (it must have the layout's schema)."""
+        self._writer.write_batch(record)
+        sizes = record.column(S.TARGET_SIZES)
+        self._counts["rows"] += record.num_rows
+        self._counts["tokens"] += len(record.column(S.INPUT_IDS).values)
+        self._counts["target_positions"] += len(sizes.values)
+        self._counts["target_entries"] += int(sizes.values.to_numpy().sum(dtype=np.int64))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._sink.close()
+        if exc_type is not None:
+            self.tmp_path.unlink(missing_ok=True)
+            return
+        fd = os.open(self.tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp_path, self.path)
+        fsync_dir(self.path.parent)
+        self.info = ShardInfo(file=self.path.relative_to(self.relative_to).as_posix(),
+                              bytes=self.path.stat().st_size, sha256=file_sha256(self.path), **self._counts)
+
+
+class ShardReader:
+    """Memory-mapped reader of one shard, for a chosen set of columns (default: all of the layout's)."""
+
+    def __init__(self, path: str | os.PathLike, layout: S.Layout, columns: Sequence[str] | None = None):
+        self.path = Path(path)
+        self.layout = layout
+        where = str(self.path)
+        try:
+            self._map = pa.memory_map(where, "r")
+            schema = ipc.open_file(self._map).schema
+        except FileNotFoundError:
+            raise CacheCorruptError(where, "the shard file is missing") from None
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise CacheCorruptError(where, f"not a readable Arrow IPC file ({e})",
+                                    "the shard is truncated or damaged; rebuild it") from None
+        check_schema(schema, layout, where)
+        wanted = list(columns) if columns is not None else layout.columns()
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise CacheFormatError(where, f"columns {missing} are not in this shard",
+                                   f"it has {schema.names}")
+        options = ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in wanted])
+        self._reader = ipc.open_file(self._map, options=options)
+        self.columns = wanted
+
+    @property
+    def num_batches(self) -> int:
+        return self._reader.num_record_batches
+
+    def read_record_batch(self, i: int) -> pa.RecordBatch:
+        try:
+            record = self._reader.get_batch(i)
+            record.validate()
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise CacheCorruptError(self.path, f"record batch {i} does not read ({e})",
+                                    "the shard is damaged; run `teachercache verify` and rebuild it") from None
+        return record
+
+    def read_batch(self, i: int) -> RowBatch:
+        """Decode record batch ``i`` (only the reader's columns)."""
+        return decode_batch(self.read_record_batch(i), self.layout, where=f"{self.path} (batch {i})")
+
+    def __iter__(self) -> Iterator[RowBatch]:
+        for i in range(self.num_batches):
+            yield self.read_batch(i)
+
+    def close(self) -> None:
+        self._map.close()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_schema(schema: pa.Schema, layout: S.Layout, where: str) -> None:
+    """Refuse a shard whose format, version or layout differs from what the manifest says."""
+    meta = schema.metadata or {}
+    if meta.get(S.META_FORMAT) != S.FORMAT_NAME.encode():
+        raise CacheFormatError(where, "not a teachercache shard (schema metadata lacks the format name)")
+    version = meta.get(S.META_VERSION, b"?").decode(errors="replace")
+    if version != str(S.FORMAT_VERSION):
+        raise CacheVersionError(where, f"shard format version {version}, this reader reads "
+                                f"version {S.FORMAT_VERSION}", "use the teachercache release that wrote it")
+    try:
+        shard_layout = S.Layout.from_dict(json.loads(meta.get(S.META_LAYOUT, b"")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheFormatError(where, f"schema metadata {S.META_LAYOUT.decode()} is unreadable ({e})") from None
+    if shard_layout != layout:
+        raise CacheFormatError(where, "the shard's layout differs from the manifest's",
+                               f"shard {shard_layout.to_dict()}, manifest {layout.to_dict()}")
+    if not schema.equals(layout.schema(), check_metadata=False):
+        raise CacheFormatError(where, f"columns {schema.names} do not match the layout's {layout.columns()}")

@@ -1,0 +1,263 @@
+"""Codec: the numba kernels against their plain references, round trips within the stated fidelity
+(property-tested), and hostile streams that must fail with the project's own error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from teachercache import codec, schema as S
+from teachercache.errors import CacheCorruptError, CacheFormatError
+
+from helpers import random_batch
+
+
+def _csr(groups):
+    """[(ids, logprobs), ...] per position -> offsets, ids, logprobs."""
+    sizes = [len(g[0]) for g in groups]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    ids = np.concatenate([np.asarray(g[0], np.int64) for g in groups]) if groups else np.zeros(0, np.int64)
+    lps = np.concatenate([np.asarray(g[1], np.float32) for g in groups]) if groups else np.zeros(0, np.float32)
+    return offsets, ids, lps
+
+
+def _assert_same_streams(a: codec.TargetStreams, b: codec.TargetStreams):
+    for name in ("ids", "id_offsets", "values", "value_offsets", "counts", "count_offsets"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def _as_sets(offsets, ids, lps, counts=None):
+    out = []
+    for p in range(len(offsets) - 1):
+        sl = slice(offsets[p], offsets[p + 1])
+        c = counts[sl] if counts is not None else [None] * (offsets[p + 1] - offsets[p])
+        out.append({int(i): (float(lp), None if n is None else int(n)) for i, lp, n in zip(ids[sl], lps[sl], c)})
+    return out
+
+
+def test_quantizer_table_matches_reference_codes():
+    q = S.Quantizer()
+    lut = codec.logprob_table(q)
+    x = np.linspace(0, q.max_nats + 5, 100_001)
+    codes = codec.quantize_reference(-x, q)
+    err = np.abs(np.minimum(x, q.max_nats) - (-lut[codes]))
+    bound = np.array([q.max_error(v) for v in np.minimum(x, q.max_nats)])
+    assert (err <= bound + 1e-5).all()
+    assert (np.diff(codes) >= 0).all()  # monotone: descending probability = ascending code
+    assert lut[0] == 0.0 and lut[-1] == -np.float32(q.max_nats)
+
+
+def test_quantizer_rejects_pieces_that_are_not_whole_steps():
+    with pytest.raises(ValueError, match="whole number"):
+        S.Quantizer(starts=(0.0, 1.0), steps=(0.3, 0.25), max_nats=80.0)
+
+
+ADVERSARIAL_LAYOUTS = [S.Layout(vocab_size=v) for v in (1, 2, 256, 257, 65536, 65537)]
+
+
+@pytest.mark.parametrize("layout", ADVERSARIAL_LAYOUTS, ids=lambda l: f"V{l.vocab_size}")
+def test_kernels_match_references_on_adversarial_positions(layout):
+    V = layout.vocab_size
+    top = V - 1
+    groups = [
+        ([top], [0.0]),                                   # k=1, p=1, id = V-1
+        ([0], [-1e-9]),                                   # p just under 1
+        ([top], [-np.inf]),                               # p = 0: clipped to max_nats
+        ([0], [-200.0]),                                  # far below max_nats
+        ([], []),                                         # a position with no stored ids
+    ]
+    if V >= 4:
+        groups += [
+            ([3, 1, top, 2], [-0.5, -0.5, -0.5, -0.5]),   # four-way tie, unsorted ids
+            ([top, 0, 1], [-1e-7, -30.0, -30.0 - 1e-6]),  # quantisation makes a tie
+            ([2, top], [-9.2103, -9.5]),                  # around the fine/coarse boundary
+        ]
+    offsets, ids, lps = _csr(groups)
+    row_positions = np.array([0, 2, 2, len(groups)], np.int64)  # includes a row with no positions
+    got = codec.encode_targets(row_positions, offsets, ids, lps, None, layout)
+    _assert_same_streams(got, codec.encode_targets_reference(row_positions, offsets, ids, lps, None, layout))
+    sizes = np.diff(offsets).astype(np.uint16)
+    dec = codec.decode_targets(sizes, row_positions, got, layout)
+    ref = codec.decode_targets_reference(sizes, row_positions, got, layout)
+    for a, b in zip(dec[:3], ref[:3]):
+        np.testing.assert_array_equal(a, b)
+    q = layout.quantizer
+    for want, have in zip(_as_sets(offsets, ids, lps), _as_sets(*dec[:3])):
+        assert want.keys() == have.keys()
+        for i, (lp, _) in want.items():
+            x = min(-lp, q.max_nats)
+            assert abs(-x - have[i][0]) <= q.max_error(x) + 1e-6
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_kernels_match_references_on_random_batches(sampled):
+    rng = np.random.default_rng(7)
+    layout = S.Layout(vocab_size=50_000, sampled=sampled)
+    batch = random_batch(rng, layout, [40, 0, 17, 33], k=None if sampled else 16)
+    rp = np.concatenate([[0], np.cumsum([batch.target_mask[a:b].sum() for a, b in
+                                         zip(batch.row_offsets, batch.row_offsets[1:])])])
+    args = (rp, batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts, layout)
+    got = codec.encode_targets(*args)
+    _assert_same_streams(got, codec.encode_targets_reference(*args))
+    sizes = np.diff(batch.target_offsets).astype(np.uint16)
+    dec = codec.decode_targets(sizes, rp, got, layout)
+    ref = codec.decode_targets_reference(sizes, rp, got, layout)
+    for a, b in zip(dec, ref):
+        np.testing.assert_array_equal(a, b)
+    want = _as_sets(batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts)
+    have = _as_sets(*dec)
+    for w, h in zip(want, have):
+        assert w.keys() == h.keys()
+        assert all(w[i][1] == h[i][1] for i in w)  # counts exact
+
+
+@st.composite
+def _rows(draw):
+    V = draw(st.sampled_from([1, 2, 3, 255, 256, 257, 8192, 65536, 65537, 150_000]))
+    sampled = draw(st.booleans())
+    layout = S.Layout(vocab_size=V, sampled=sampled)
+    n_rows = draw(st.integers(0, 4))
+    groups, row_sizes = [], []
+    for _ in range(n_rows):
+        n_pos = draw(st.integers(0, 5))
+        row_sizes.append(n_pos)
+        for _ in range(n_pos):
+            k = draw(st.integers(0, min(V, 12)))
+            ids = draw(st.lists(st.integers(0, V - 1), min_size=k, max_size=k, unique=True))
+            special = st.sampled_from([0.0, -1e-12, -1e-4, -9.21, -9.5, -30.0, -79.99, -80.0, -500.0, -np.inf])
+            lps = draw(st.lists(st.one_of(special, st.floats(-100.0, 0.0)), min_size=k, max_size=k))
+            groups.append((ids, lps))
+    counts = draw(st.lists(st.integers(1, 65535), min_size=sum(len(g[0]) for g in groups),
+                           max_size=sum(len(g[0]) for g in groups)))
+    return layout, groups, row_sizes, counts
+
+
+@settings(max_examples=200, deadline=None)
+@given(_rows())
+def test_round_trip_property(case):
+    layout, groups, row_sizes, counts = case
+    offsets, ids, lps = _csr(groups)
+    counts = np.asarray(counts, np.int64) if layout.sampled else None
+    rp = np.concatenate([[0], np.cumsum(row_sizes)]).astype(np.int64)
+    streams = codec.encode_targets(rp, offsets, ids, lps, counts, layout)
+    _assert_same_streams(streams, codec.encode_targets_reference(rp, offsets, ids, lps, counts, layout))
+    dec = codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout)
+    q = layout.quantizer
+    for want, have in zip(_as_sets(offsets, ids, lps, counts), _as_sets(*dec)):
+        assert want.keys() == have.keys()
+        for i, (lp, n) in want.items():
+            x = min(-lp, q.max_nats)
+            assert abs(-x - have[i][0]) <= q.max_error(x) + 1e-5
+            assert have[i][1] == n
+        # decoded order: descending log-prob (ties by ascending id)
+        order = [(-have[i][0], i) for i in have]
+        assert order == sorted(order)
+
+
+def test_fidelity_on_entries_above_1e4_is_within_002_nats():
+    q = S.Quantizer()
+    x = np.linspace(0, -np.log(1e-4), 200_001)
+    dec = codec.logprob_table(q)[codec.quantize_reference(-x, q)]
+    assert np.abs(-x - dec).max() <= 0.02
+
+
+def test_encode_refuses_bad_targets():
+    layout = S.Layout(vocab_size=10)
+    rp = np.array([0, 1])
+    for ids, lps, problem in [([3, 3], [-1.0, -2.0], "same id twice"), ([10], [-1.0], "outside the vocabulary"),
+                              ([-1], [-1.0], "outside the vocabulary"), ([1], [np.nan], "NaN or positive"),
+                              ([1], [0.5], "NaN or positive")]:
+        offsets, ids, lps = _csr([(ids, lps)])
+        with pytest.raises(CacheFormatError, match=problem):
+            codec.encode_targets(rp, offsets, ids, lps, None, layout)
+    offsets, ids, lps = _csr([([1], [-1.0])])
+    with pytest.raises(CacheFormatError, match="draw count"):
+        codec.encode_targets(rp, offsets, ids, lps, np.array([0]), S.Layout(vocab_size=10, sampled=True))
+
+
+def _encoded(layout, sampled_counts=None):
+    offsets, ids, lps = _csr([([5, 9, 2], [-0.1, -3.0, -3.0]), ([7], [-200.0])])
+    rp = np.array([0, 2], np.int64)
+    return offsets, rp, codec.encode_targets(rp, offsets, ids, lps, sampled_counts, layout)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda s: setattr(s, "values", s.values[:-1]) or s.value_offsets.__setitem__(-1, len(s.values)),
+     "ends early|malformed|beyond"),
+    (lambda s: setattr(s, "values", np.concatenate([s.values, [0]])) or
+     s.value_offsets.__setitem__(-1, len(s.values)), "left over"),
+    (lambda s: s.values.__setitem__(0, 0xFF), "malformed|ends early|beyond"),
+    (lambda s: s.values.__setitem__(0, 0xFF) or s.values.__setitem__(1, 0x7F), "beyond the quantiser"),
+    (lambda s: setattr(s, "ids", s.ids[:-1]), "does not match"),
+    (lambda s: s.ids.__setitem__(slice(None), 0xFF), "outside the vocabulary"),
+    (lambda s: s.value_offsets.__setitem__(-1, 10**9), "ends early|malformed|left over"),
+])
+def test_decode_refuses_damaged_streams(damage, problem):
+    layout = S.Layout(vocab_size=10)
+    offsets, rp, streams = _encoded(layout)
+    streams.ids = streams.ids.copy()
+    streams.values = streams.values.copy()
+    damage(streams)
+    if streams.id_offsets[-1] != len(streams.ids):
+        streams.id_offsets = streams.id_offsets.copy()
+        streams.id_offsets[-1] = len(streams.ids)
+    with pytest.raises(CacheCorruptError, match=problem):
+        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout, where="shard.arrow")
+
+
+def test_decode_refuses_huge_declared_sizes():
+    layout = S.Layout(vocab_size=10)
+    offsets, rp, streams = _encoded(layout)
+    sizes = np.array([65535, 65535], np.uint16)  # a hostile length: must not read out of bounds
+    with pytest.raises(CacheCorruptError, match="does not match"):
+        codec.decode_targets(sizes, rp, streams, layout)
+
+
+def test_damaged_count_stream_is_refused():
+    layout = S.Layout(vocab_size=10, sampled=True)
+    offsets, rp, streams = _encoded(layout, np.array([1, 2, 3, 4]))
+    streams.counts = streams.counts[:-1]
+    streams.count_offsets = streams.count_offsets.copy()
+    streams.count_offsets[-1] = len(streams.counts)
+    with pytest.raises(CacheCorruptError, match="count stream"):
+        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("bfloat16", 2**-8), ("float16", 2**-11)])
+def test_float16_hidden_states_round_trip(dtype, rtol):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(10_000) * 10).astype(np.float32)
+    y = codec.decode_float16(codec.encode_float16(x, dtype), dtype)
+    assert np.all(np.abs(y - x) <= rtol * np.abs(x) + 1e-6)
+    if dtype == "bfloat16":  # compare with torch's own bfloat16 rounding
+        import torch
+        want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(y, want)
+
+
+def test_batch_round_trip_all_columns():
+    rng = np.random.default_rng(3)
+    layout = S.Layout(vocab_size=3000, sampled=True, hidden_layers=(0, 2), hidden_width=6)
+    batch = random_batch(rng, layout, [9, 0, 12, 1], k=None)
+    out = codec.decode_batch(codec.encode_batch(batch, layout), layout)
+    np.testing.assert_array_equal(out.row_offsets, batch.row_offsets)
+    np.testing.assert_array_equal(out.input_ids, batch.input_ids)
+    np.testing.assert_array_equal(out.target_mask, batch.target_mask)
+    np.testing.assert_array_equal(out.target_sizes, batch.target_sizes)
+    assert np.abs(out.label_logprob - batch.label_logprob).max() <= 0.5 / S.NATS16_SCALE + 1e-6
+    assert np.abs(out.entropy - batch.entropy).max() <= 0.5 / S.NATS16_SCALE + 1e-6
+    assert np.abs(out.rest_mass - batch.rest_mass).max() <= 0.5 / S.REST_SCALE + 1e-7
+    for layer in (0, 2):
+        np.testing.assert_allclose(out.hidden[layer], batch.hidden[layer], rtol=2**-8, atol=1e-6)
+    assert _as_sets(out.target_offsets, out.target_ids, np.zeros(len(out.target_ids)), out.target_counts) == \
+        _as_sets(batch.target_offsets, batch.target_ids, np.zeros(len(batch.target_ids)), batch.target_counts)
+
+
+def test_batch_encode_checks_shapes():
+    rng = np.random.default_rng(3)
+    layout = S.Layout(vocab_size=100)
+    batch = random_batch(rng, layout, [5, 5])
+    batch.rest_mass = batch.rest_mass[:-1]
+    with pytest.raises(CacheFormatError, match="rest_mass: expected"):
+        codec.encode_batch(batch, layout, where="x.arrow")
