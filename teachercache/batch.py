@@ -49,6 +49,8 @@ class RowBatch:
 
     @property
     def num_positions(self) -> int:
+        if self.target_offsets is not None:
+            return len(self.target_offsets) - 1
         return int(self.row_positions[-1]) if self.row_positions is not None else 0
 
     @property

@@ -20,7 +20,7 @@ from .batch import RowBatch
 from .errors import CacheCorruptError
 from .manifest import (SHARDS_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo, TokenizerInfo, Totals,
                        read_manifest, resolve_in_cache, shard_file_name, write_manifest)
-from .shards import ShardInfo, ShardReader, ShardWriter, file_sha256
+from .shards import ZSTD_LEVEL, ShardInfo, ShardReader, ShardWriter, file_sha256
 
 DEFAULT_SHARD_BYTES = 512 << 20
 """A new shard is started once the current one holds this many (compressed) bytes."""
@@ -80,11 +80,12 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | os.PathLike, layout: S.Layout, *, rank: int = 0,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, first_index: int = 0):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, first_index: int = 0, zstd_level: int = ZSTD_LEVEL):
         self.path = Path(path)
         self.layout = layout
         self.rank = rank
         self.shard_bytes = shard_bytes
+        self.zstd_level = zstd_level
         self.next_index = first_index
         self.shards: list[ShardInfo] = []
         self._current: ShardWriter | None = None
@@ -93,7 +94,8 @@ class CacheWriter:
     def write(self, batch: RowBatch) -> None:
         if self._current is None:
             file = self.path / shard_file_name(self.rank, self.next_index)
-            self._current = ShardWriter(file, self.layout, relative_to=self.path).__enter__()
+            self._current = ShardWriter(file, self.layout, relative_to=self.path,
+                                        zstd_level=self.zstd_level).__enter__()
         self._current.write(batch)
         if self._current.bytes_written >= self.shard_bytes:
             self.close_shard()

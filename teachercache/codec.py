@@ -24,6 +24,7 @@ CacheCorruptError naming the file and row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -76,12 +77,15 @@ def quantizer_arrays(q: S.Quantizer) -> tuple[np.ndarray, np.ndarray, np.ndarray
             np.asarray(q.bases(), np.int64))
 
 
+@functools.lru_cache(maxsize=16)
 def logprob_table(q: S.Quantizer) -> np.ndarray:
-    """(max_code + 1,) float32: the log-prob each code decodes to."""
+    """(max_code + 1,) float32, read-only: the log-prob each code decodes to."""
     starts, steps, bases = quantizer_arrays(q)
     codes = np.arange(bases[-1] + 1)
     piece = np.searchsorted(bases[1:-1], codes, side="right")
-    return (-(starts[piece] + (codes - bases[piece]) * steps[piece])).astype(np.float32)
+    table = (-(starts[piece] + (codes - bases[piece]) * steps[piece])).astype(np.float32)
+    table.flags.writeable = False
+    return table
 
 
 def quantize_reference(logprobs: np.ndarray, q: S.Quantizer) -> np.ndarray:
@@ -271,9 +275,11 @@ def _get_varint(buf, pos, end):
 @numba.njit(nogil=True, cache=True)
 def _decode_kernel(sizes, row_positions, id_stream, id_offsets, val_stream, val_offsets,
                    cnt_stream, cnt_offsets, has_counts, lut, id_bytes, vocab_size,
-                   out_ids, out_lp, out_counts):
+                   out_ids, out_lp, out_counts, codes):
+    """Three simple passes per row (the second and third vectorise): varints -> codes (a tie is stored
+    as -code-1), byte planes -> id symbols, then ties -> ids and codes -> log-probs."""
     max_code = len(lut) - 1
-    e = 0
+    e0 = 0
     for b in range(len(row_positions) - 1):
         p0, p1 = row_positions[b], row_positions[b + 1]
         n_row = 0
@@ -282,16 +288,12 @@ def _decode_kernel(sizes, row_positions, id_stream, id_offsets, val_stream, val_
         ib = id_offsets[b]
         if id_offsets[b + 1] - ib != n_row * id_bytes:
             return 11, b
-        # the row's byte planes: low byte, middle byte, high byte of each id symbol
-        plane0 = id_stream[ib:ib + n_row]
-        plane1 = id_stream[ib + n_row:ib + 2 * n_row] if id_bytes >= 2 else plane0
-        plane2 = id_stream[ib + 2 * n_row:ib + 3 * n_row] if id_bytes >= 3 else plane0
+        # pass 1: the value (and count) varints
         v, v_end = val_offsets[b], val_offsets[b + 1]
         cp, c_end = cnt_offsets[b], cnt_offsets[b + 1]
         k = 0
         for p in range(p0, p1):
             c = np.int64(0)
-            prev_id = np.int64(-1)
             for j in range(np.int64(sizes[p])):
                 if v >= v_end:
                     return 12, b
@@ -305,28 +307,42 @@ def _decode_kernel(sizes, row_positions, id_stream, id_offsets, val_stream, val_
                 c += d
                 if c > max_code:
                     return 14, b
-                sym = np.int64(plane0[k])
-                if id_bytes >= 2:
-                    sym |= np.int64(plane1[k]) << 8
-                if id_bytes >= 3:
-                    sym |= np.int64(plane2[k]) << 16
-                t = prev_id + 1 + sym if (j > 0 and d == 0) else sym
-                if t >= vocab_size:
-                    return 18, b
-                out_ids[e] = t
-                out_lp[e] = lut[c]
+                codes[k] = -c - 1 if (j > 0 and d == 0) else c
                 if has_counts:
                     cnt, cp = _get_varint(cnt_stream, cp, c_end)
                     if cp < 0:
                         return 16, b
-                    out_counts[e] = cnt + 1
-                prev_id = t
-                e += 1
+                    out_counts[e0 + k] = cnt + 1
                 k += 1
         if v != v_end:
             return 15, b
         if has_counts and cp != c_end:
             return 17, b
+        # pass 2: id symbols from the little-endian byte planes
+        ids = out_ids[e0:e0 + n_row]
+        if id_bytes == 1:
+            for i in range(n_row):
+                ids[i] = id_stream[ib + i]
+        elif id_bytes == 2:
+            for i in range(n_row):
+                ids[i] = np.int32(id_stream[ib + i]) | (np.int32(id_stream[ib + n_row + i]) << 8)
+        else:
+            for i in range(n_row):
+                ids[i] = (np.int32(id_stream[ib + i]) | (np.int32(id_stream[ib + n_row + i]) << 8)
+                          | (np.int32(id_stream[ib + 2 * n_row + i]) << 16))
+        # pass 3: a tie's symbol is the gap after the previous id; codes -> log-probs
+        lps = out_lp[e0:e0 + n_row]
+        bad = False
+        for i in range(n_row):
+            c = codes[i]
+            if c < 0:
+                c = -c - 1
+                ids[i] = ids[i - 1] + 1 + ids[i]
+            bad |= ids[i] >= vocab_size
+            lps[i] = lut[c]
+        if bad:
+            return 18, b
+        e0 += n_row
     return _OK, -1
 
 
@@ -340,12 +356,22 @@ def decode_targets(sizes, row_positions, streams: TargetStreams, layout: S.Layou
     out_ids = np.empty(n, np.int32)
     out_lp = np.empty(n, np.float32)
     out_counts = np.empty(n if layout.sampled else 0, np.int32)
+    row_positions = np.ascontiguousarray(row_positions, np.int64)
+    pairs = [(np.asarray(o), s) for o, s in ((streams.id_offsets, streams.ids),
+                                             (streams.value_offsets, streams.values),
+                                             (streams.count_offsets, streams.counts))]
+    if (len(row_positions) == 0 or row_positions[0] != 0 or row_positions[-1] != len(sizes)
+            or (np.diff(row_positions) < 0).any()
+            or any(len(o) != len(row_positions) or o[0] < 0 or o[-1] > len(s) or (np.diff(o) < 0).any()
+                   for o, s in pairs)):
+        raise CacheCorruptError(where, "per-row offsets of the target streams are inconsistent")
+    row_entries = np.diff(target_offsets[row_positions])
+    codes = np.empty(int(row_entries.max(initial=0)), np.int32)
     status, row = _decode_kernel(
-        sizes, np.ascontiguousarray(row_positions, np.int64), streams.ids,
-        np.ascontiguousarray(streams.id_offsets, np.int64), streams.values,
-        np.ascontiguousarray(streams.value_offsets, np.int64), streams.counts,
+        sizes, row_positions, streams.ids, np.ascontiguousarray(streams.id_offsets, np.int64),
+        streams.values, np.ascontiguousarray(streams.value_offsets, np.int64), streams.counts,
         np.ascontiguousarray(streams.count_offsets, np.int64), layout.sampled,
-        logprob_table(layout.quantizer), layout.id_bytes, layout.vocab_size, out_ids, out_lp, out_counts)
+        logprob_table(layout.quantizer), layout.id_bytes, layout.vocab_size, out_ids, out_lp, out_counts, codes)
     if status != _OK:
         raise CacheCorruptError(where, f"row {row} of the batch: {_STATUS_TEXT[status]}",
                                 "the shard is damaged; run `teachercache verify` and rebuild it")
@@ -539,9 +565,7 @@ def decode_batch(rb: pa.RecordBatch, layout: S.Layout, where: str = "<batch>") -
             nats = (values / np.float32(S.NATS16_SCALE)).astype(np.float32)
             setattr(out, name, -nats if name == S.LABEL_LOGPROB else nats)
     if sizes is not None and S.TARGET_IDS in names and S.TARGET_VALUES in names:
-        streams = TargetStreams(*_stream(rb, S.TARGET_IDS, where), *_stream(rb, S.TARGET_VALUES, where),
-                                *(_stream(rb, S.TARGET_COUNTS, where) if layout.sampled else
-                                  (np.zeros(0, np.uint8), np.zeros(rb.num_rows + 1, np.int64))))
+        streams = record_streams(rb, layout, where)
         out.target_offsets, out.target_ids, out.target_logprobs, out.target_counts = decode_targets(
             sizes, out.row_positions, streams, layout, where)
     elif sizes is not None:
@@ -558,8 +582,14 @@ def decode_batch(rb: pa.RecordBatch, layout: S.Layout, where: str = "<batch>") -
     return out
 
 
-def _stream(rb: pa.RecordBatch, name: str, where: str):
-    if name not in rb.schema.names:
-        raise CacheFormatError(where, f"column {name} is missing")
-    _, values, rel = _parts(rb, name, where)
-    return np.ascontiguousarray(values, np.uint8), rel
+def record_streams(rb: pa.RecordBatch, layout: S.Layout, where: str = "<batch>") -> TargetStreams:
+    """The encoded target streams of a record batch, as numpy views (no decoding)."""
+    def stream(name):
+        if name not in rb.schema.names:
+            raise CacheFormatError(where, f"column {name} is missing")
+        _, values, rel = _parts(rb, name, where)
+        return np.ascontiguousarray(values, np.uint8), rel
+
+    counts = stream(S.TARGET_COUNTS) if layout.sampled else (np.zeros(0, np.uint8),
+                                                             np.zeros(rb.num_rows + 1, np.int64))
+    return TargetStreams(*stream(S.TARGET_IDS), *stream(S.TARGET_VALUES), *counts)

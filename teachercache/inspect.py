@@ -32,7 +32,7 @@ def inspect_cache(path: str | os.PathLike, sample_batches: int = 4) -> dict:
     sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     captured = np.concatenate(captured) if captured else np.zeros(0, np.float32)
     tokens = max(m.totals.tokens, 1)
-    column_bytes = _column_bytes(cache, sample_batches)
+    column_bytes = column_bytes_estimate(cache, sample_batches)
     return {
         "path": str(path),
         "format": {"name": m.format, "version": m.format_version, "created": m.created},
@@ -58,9 +58,9 @@ def _stats(values: np.ndarray) -> dict:
             "p50": float(q[2]), "p90": float(q[3]), "max": float(q[4])}
 
 
-def _column_bytes(cache: Cache, sample_batches: int) -> dict[str, float]:
-    """Estimated compressed bytes of each column over the whole cache."""
-    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
+def column_bytes_estimate(cache: Cache, sample_batches: int = 4, zstd_level: int = ZSTD_LEVEL) -> dict[str, float]:
+    """Estimated compressed bytes of each column over the whole cache (see the module docstring)."""
+    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
     measured = dict.fromkeys(cache.layout.columns(), 0)
     for i in range(len(cache.shards)):
         with cache.open_shard(i) as reader:

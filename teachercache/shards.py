@@ -144,7 +144,9 @@ class ShardReader:
         if missing:
             raise CacheFormatError(where, f"columns {missing} are not in this shard",
                                    f"it has {schema.names}")
-        options = ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in wanted])
+        # use_threads=False: callers parallelise by batch; for one batch the pool only adds overhead
+        options = ipc.IpcReadOptions(use_threads=False,
+                                     included_fields=[schema.get_field_index(c) for c in wanted])
         self._reader = ipc.open_file(self._map, options=options)
         self.columns = wanted
 

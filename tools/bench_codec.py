@@ -1,0 +1,309 @@
+"""Benchmark of the cache codec on real teacher distributions: bytes per token, fidelity, decode speed.
+
+The demo teacher in data/ runs over held-out demo text (data/corpus/valid.parquet); its log-probs are
+stored at k in {16, 64, 128} and as adaptive-k (nucleus), through the real writer (Arrow IPC + zstd),
+then read back and decoded. Printed side by side, per target position and per token:
+
+  (a) raw fp32 over the full vocabulary;
+  (b) naive top-k: int32 ids + fp16 log-probs;
+  (c) DistillKit's layout: ids bit-packed at ceil(log2 V) bits, plus its default value bytes
+      (16 exact bf16 values + 6 fp32 polynomial terms = 56 bytes per position);
+  (d) ours: the target columns (ids, values, sizes), and every column of the cache.
+
+Fidelity: the largest |decoded - true| log-prob over entries with p >= 1e-4 (and over all entries), and
+the largest rest-mass error. Decode speed: target positions per second on one core, for the numba kernel
+alone and for read + zstd decompression + decode from a shard file. Then the variants the format was
+chosen from, at k=64: quantiser steps, zstd levels, and zstandard frames instead of Arrow IPC zstd.
+
+    python tools/bench_codec.py            # ~1 minute on 2 CPU cores
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zstandard
+
+from teachercache import codec, schema as S
+from teachercache.batch import RowBatch
+from teachercache.cache import Cache, CacheWriter
+from teachercache.inspect import column_bytes_estimate
+from teachercache.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
+from teachercache.shards import ZSTD_LEVEL, ShardReader
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_SIZES)
+DISTILLKIT_VALUE_BYTES = 16 * 2 + 6 * 4  # 16 exact bf16 log-probs + 6 fp32 polynomial coefficients
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher distributions.
+
+
+def load_rows(teacher_dir: Path, data: Path, seq_len: int, n_rows: int) -> torch.Tensor:
+    """(n_rows, seq_len) token ids: the held-out documents joined with EOS, cut into rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    ids: list[int] = []
+    for text in pq.read_table(data, columns=["text"]).column("text").to_pylist():
+        ids += tok(text)["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= n_rows * seq_len:
+            break
+    if len(ids) < n_rows * seq_len:
+        n_rows = len(ids) // seq_len
+    return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
+
+
+@torch.no_grad()
+def teacher_tops(teacher_dir: Path, rows: torch.Tensor, max_k: int, chunk: int = 8) -> dict:
+    """Per target position (all but each row's last token): the top max_k ids and log-probs (sorted),
+    the label log-prob and the entropy, from the full fp32 log-softmax."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    out = {"ids": [], "lps": [], "label": [], "entropy": []}
+    for start in range(0, len(rows), chunk):
+        x = rows[start:start + chunk]
+        lp = torch.log_softmax(model(x).logits[:, :-1].float(), dim=-1)  # (B, S-1, V)
+        top = lp.topk(max_k, dim=-1)
+        out["ids"].append(top.indices.reshape(-1, max_k))
+        out["lps"].append(top.values.reshape(-1, max_k))
+        out["label"].append(lp.gather(-1, x[:, 1:, None]).reshape(-1))
+        out["entropy"].append(-(lp.exp() * lp).sum(-1).reshape(-1))
+    out = {k: torch.cat(v).numpy() for k, v in out.items()}
+    out["vocab_size"] = model.config.vocab_size
+    return out
+
+
+def make_batches(rows: torch.Tensor, tops: dict, sizes: np.ndarray, rows_per_batch: int) -> list[RowBatch]:
+    """RowBatches storing the first sizes[p] of the sorted top ids at each target position."""
+    n_rows, seq_len = rows.shape
+    per_row = seq_len - 1
+    p64 = tops["lps"].astype(np.float64)
+    batches = []
+    for r0 in range(0, n_rows, rows_per_batch):
+        r1 = min(n_rows, r0 + rows_per_batch)
+        pos = slice(r0 * per_row, r1 * per_row)
+        n = sizes[pos]
+        keep = np.arange(tops["ids"].shape[1])[None, :] < n[:, None]
+        rest = 1.0 - np.where(keep, np.exp(p64[pos]), 0.0).sum(1)
+        mask = np.ones((r1 - r0, seq_len), bool)
+        mask[:, -1] = False
+        batches.append(RowBatch(
+            row_offsets=np.arange(r1 - r0 + 1, dtype=np.int64) * seq_len,
+            input_ids=rows[r0:r1].reshape(-1).numpy().astype(np.int32), target_mask=mask.reshape(-1),
+            target_offsets=np.concatenate([[0], np.cumsum(n)]).astype(np.int64),
+            target_ids=tops["ids"][pos][keep].astype(np.int32), target_logprobs=tops["lps"][pos][keep],
+            label_logprob=tops["label"][pos], rest_mass=np.maximum(rest, 0.0).astype(np.float32),
+            entropy=tops["entropy"][pos]))
+    return batches
+
+
+def nucleus_sizes(tops: dict, top_p: float, min_k: int, max_k: int) -> np.ndarray:
+    """Smallest n whose mass reaches top_p, clamped to [min_k, max_k]."""
+    mass = np.cumsum(np.exp(tops["lps"][:, :max_k].astype(np.float64)), axis=1)
+    n = (mass < top_p).sum(1) + 1
+    return np.clip(n, min_k, max_k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements.
+
+
+def write_cache(path: Path, batches: list[RowBatch], layout: S.Layout, kind: str, zstd_level: int) -> Cache:
+    with CacheWriter(path, layout, zstd_level=zstd_level) as writer:
+        for b in batches:
+            writer.write(b)
+        writer.finish(targets=TargetSpec(kind=kind), extra={"bench": True},
+                      teacher=TeacherInfo("data/teacher", "-", "float32", layout.vocab_size),
+                      tokenizer=TokenizerInfo("-", layout.vocab_size),
+                      data=DataInfo(["data/corpus/valid.parquet"], "-", 0, "concat"))
+    return Cache.open(path)
+
+
+def fidelity(batches: list[RowBatch], cache: Cache) -> dict:
+    """Largest log-prob error (entries with p >= 1e-4, and all entries) and rest-mass error."""
+    err_head = err_all = err_rest = 0.0
+    for want, got in zip(batches, cache.iter_batches()):
+        # decoded entries come in (descending log-prob, ascending id) order: sort both by (position, id)
+        pos_w = np.repeat(np.arange(want.num_positions), want.target_sizes)
+        pos_g = np.repeat(np.arange(got.num_positions), got.target_sizes)
+        ow = np.lexsort((want.target_ids, pos_w))
+        og = np.lexsort((got.target_ids, pos_g))
+        assert np.array_equal(want.target_ids[ow], got.target_ids[og])
+        lw, lg = want.target_logprobs[ow].astype(np.float64), got.target_logprobs[og].astype(np.float64)
+        err = np.abs(np.maximum(lw, -80.0) - lg)
+        head = lw >= math.log(1e-4)
+        err_head = max(err_head, float(err[head].max(initial=0)))
+        err_all = max(err_all, float(err.max(initial=0)))
+        err_rest = max(err_rest, float(np.abs(want.rest_mass.astype(np.float64) - got.rest_mass).max()))
+    return {"max_err_p_ge_1e-4": err_head, "max_err_all": err_all, "max_rest_err": err_rest}
+
+
+def decode_speed(cache: Cache, repeats: int) -> dict:
+    """Target positions per second on one core: kernel alone, and shard read + decompress + decode."""
+    numba.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    cols = [S.TARGET_SIZES, S.TARGET_IDS, S.TARGET_VALUES]
+    records, positions = [], 0
+    for i in range(len(cache.shards)):
+        reader = ShardReader(cache.shard_path(i), cache.layout, cols)
+        records += [reader.read_record_batch(b) for b in range(reader.num_batches)]
+    positions = sum(len(r.column(S.TARGET_SIZES).values) for r in records)
+    prepared = []
+    for r in records:
+        sizes = r.column(S.TARGET_SIZES)
+        streams = codec.record_streams(r, cache.layout)
+        prepared.append((sizes.values.to_numpy(), sizes.offsets.to_numpy().astype(np.int64), streams))
+    codec.decode_targets(*prepared[0][:2], prepared[0][2], cache.layout)  # compile
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for sizes, row_pos, streams in prepared:
+            codec.decode_targets(sizes, row_pos, streams, cache.layout)
+    kernel = positions * repeats / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(len(cache.shards)):
+            with ShardReader(cache.shard_path(i), cache.layout, cols) as reader:
+                for b in range(reader.num_batches):
+                    reader.read_batch(b)
+    end_to_end = positions * repeats / (time.perf_counter() - t0)
+    return {"kernel_positions_per_s": kernel, "read_decode_positions_per_s": end_to_end}
+
+
+def zstandard_frame_bytes(cache: Cache, level: int) -> int:
+    """Target-column bytes if each column's raw buffers were one zstandard frame per record batch."""
+    total, compressor = 0, zstandard.ZstdCompressor(level=level)
+    for i in range(len(cache.shards)):
+        with ShardReader(cache.shard_path(i), cache.layout, list(TARGET_COLUMNS)) as reader:
+            for b in range(reader.num_batches):
+                record = reader.read_record_batch(b)
+                for name in TARGET_COLUMNS:
+                    col = record.column(name)
+                    for buf in (col.offsets.buffers()[1], col.values.buffers()[1]):
+                        total += len(compressor.compress(buf.to_pybytes()))
+    return total
+
+
+def measure(name, batches, layout, kind, workdir, positions, tokens, k_for_baselines=None,
+            zstd_level=ZSTD_LEVEL) -> dict:
+    cache = write_cache(workdir / name, batches, layout, kind, zstd_level)
+    by_col = column_bytes_estimate(cache, sample_batches=10**9, zstd_level=zstd_level)
+    target_bytes = sum(by_col[c] for c in TARGET_COLUMNS)
+    entries = cache.manifest.totals.target_entries
+    res = {"name": name, "mean_k": entries / positions,
+           "ours_target_bytes_per_position": target_bytes / positions,
+           "ours_all_bytes_per_token": cache.manifest.totals.bytes / tokens,
+           "ours_bits_per_entry": 8 * target_bytes / entries,
+           "by_column_bytes_per_token": {c: v / tokens for c, v in by_col.items()}}
+    if k_for_baselines:
+        V = layout.vocab_size
+        res["raw_fp32_bytes_per_position"] = 4 * V
+        res["naive_bytes_per_position"] = 6 * k_for_baselines
+        res["distillkit_bytes_per_position"] = math.ceil(k_for_baselines * math.ceil(math.log2(V)) / 8) \
+            + DISTILLKIT_VALUE_BYTES
+        res["ratio_vs_distillkit"] = res["ours_target_bytes_per_position"] / res["distillkit_bytes_per_position"]
+    res.update(fidelity(batches, cache))
+    res["_cache"] = cache
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", type=Path, default=ROOT / "data" / "teacher")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "corpus" / "valid.parquet")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rows-per-batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    rows = load_rows(args.teacher, args.data, args.seq_len, args.rows)
+    tops = teacher_tops(args.teacher, rows, max_k=128)
+    positions = len(tops["label"])
+    tokens = rows.numel()
+    V = tops["vocab_size"]
+    layout = S.Layout(vocab_size=V)
+    print(f"teacher {args.teacher}  V={V}  rows={len(rows)}x{args.seq_len}  target positions={positions}")
+    print(f"teacher entropy mean {tops['entropy'].mean():.3f} nats; top-1 p mean "
+          f"{np.exp(tops['lps'][:, 0]).mean():.3f}; mass outside top-64 mean "
+          f"{1 - np.exp(tops['lps'][:, :64].astype(np.float64)).sum(1).mean():.4f}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_codec_"))
+    runs = []
+    for k in (16, 64, 128):
+        sizes = np.full(positions, k)
+        runs.append(measure(f"top{k}", make_batches(rows, tops, sizes, args.rows_per_batch), layout, "topk",
+                            workdir, positions, tokens, k_for_baselines=k))
+    for top_p in (0.95, 0.99):
+        sizes = nucleus_sizes(tops, top_p, 1, 128)
+        runs.append(measure(f"nucleus{top_p}", make_batches(rows, tops, sizes, args.rows_per_batch), layout,
+                            "nucleus", workdir, positions, tokens))
+
+    print(f"\n{'targets':<13}{'mean k':>7}{'(a) fp32':>10}{'(b) naive':>10}{'(c) DK':>8}{'(d) ours':>9}"
+          f"{'d/c':>7}{'bits/id':>8}{'all cols':>9}{'err p>=1e-4':>12}{'err all':>8}{'rest err':>10}")
+    print(f"{'':<13}{'':>7}{'B/pos':>10}{'B/pos':>10}{'B/pos':>8}{'B/pos':>9}{'':>7}{'':>8}{'B/token':>9}")
+    for r in runs:
+        base = (f"{r['raw_fp32_bytes_per_position']:>10}{r['naive_bytes_per_position']:>10}"
+                f"{r['distillkit_bytes_per_position']:>8}") if "distillkit_bytes_per_position" in r else \
+            f"{'-':>10}{'-':>10}{'-':>8}"
+        ratio = f"{r['ratio_vs_distillkit']:>7.3f}" if "ratio_vs_distillkit" in r else f"{'-':>7}"
+        print(f"{r['name']:<13}{r['mean_k']:>7.1f}{base}{r['ours_target_bytes_per_position']:>9.1f}{ratio}"
+              f"{r['ours_bits_per_entry']:>8.2f}{r['ours_all_bytes_per_token']:>9.1f}"
+              f"{r['max_err_p_ge_1e-4']:>12.4f}{r['max_err_all']:>8.3f}{r['max_rest_err']:>10.2e}")
+    top64 = runs[1]
+    print("\nbytes/token by column at top64: " + ", ".join(
+        f"{c} {v:.2f}" for c, v in sorted(top64["by_column_bytes_per_token"].items(), key=lambda kv: -kv[1])))
+
+    speed = decode_speed(top64["_cache"], args.repeats)
+    print(f"\ndecode at top64, one core: kernel {speed['kernel_positions_per_s'] / 1e6:.2f} M positions/s; "
+          f"read + decompress + decode {speed['read_decode_positions_per_s'] / 1e6:.2f} M positions/s")
+
+    # --- the variants the format was chosen from (k = 64) ---------------------------------------
+    batches64 = make_batches(rows, tops, np.full(positions, 64), args.rows_per_batch)
+    variants = {}
+    print("\nvariants at top64 (target bytes/position; max error on p >= 1e-4):")
+    for label, q in [("default " + str(S.Quantizer().steps), S.Quantizer()),
+                     ("uniform 1/32", S.Quantizer(starts=(0.0,), steps=(1 / 32,))),
+                     ("uniform 1/26 (err 0.0192)", S.Quantizer(starts=(0.0,), steps=(1 / 26,))),
+                     ("1/128,1/32, tail 0.5", S.Quantizer(starts=(0.0, 1.0, 9.5), steps=(1 / 128, 1 / 32, 0.5), max_nats=79.5)),
+                     ("1/128,1/64, tail 0.25", S.Quantizer(starts=(0.0, 1.0, 9.5), steps=(1 / 128, 1 / 64, 0.25)))]:
+        r = measure("q" + str(len(variants)), batches64, S.Layout(vocab_size=V, quantizer=q), "topk",
+                    workdir, positions, tokens)
+        variants[label] = {"bytes_per_position": r["ours_target_bytes_per_position"],
+                           "max_err_p_ge_1e-4": r["max_err_p_ge_1e-4"], "max_err_all": r["max_err_all"]}
+        print(f"  quantiser {label:<34}{r['ours_target_bytes_per_position']:8.1f}  {r['max_err_p_ge_1e-4']:.4f}")
+    for level in (1, 3, 7, 12, 19):
+        r = measure(f"zstd{level}", batches64, layout, "topk", workdir, positions, tokens, zstd_level=level)
+        variants[f"arrow_ipc_zstd{level}"] = {"bytes_per_position": r["ours_target_bytes_per_position"]}
+        print(f"  Arrow IPC zstd level {level:<21}{r['ours_target_bytes_per_position']:8.1f}")
+    for level in (3, 7, 19):
+        b = zstandard_frame_bytes(top64["_cache"], level) / positions
+        variants[f"zstandard_frames{level}"] = {"bytes_per_position": b}
+        print(f"  zstandard frames level {level:<19}{b:8.1f}")
+
+    summary = {r["name"]: {k: v for k, v in r.items() if k not in ("_cache", "name")} for r in runs}
+    print(json.dumps({"bench": "codec", "teacher": str(args.teacher), "vocab_size": V, "positions": positions,
+                      "runs": summary, "decode": speed, "variants": variants}))
+
+
+if __name__ == "__main__":
+    main()
