@@ -77,6 +77,8 @@ class CacheWriter:
 
     Shards are named shards/part-r{rank}-{index}.arrow. Only rank 0 of a multi-rank build calls
     ``finish`` with every rank's ShardInfos; the build issue's torchrun path does that after a barrier.
+    Each ``write`` becomes one Arrow record batch, the unit of compression and of decoding: give it
+    thousands of target positions (references to earlier positions only hit where contexts repeat).
     """
 
     def __init__(self, path: str | os.PathLike, layout: S.Layout, *, rank: int = 0,

@@ -35,10 +35,13 @@ TARGET_SIZES = "target_sizes"    # list<uint16>: number of stored ids per target
 LABEL_LOGPROB = "label_logprob"  # list<uint16>: teacher log-prob of the actual next token (nats16 code)
 REST_MASS = "rest_mass"          # list<uint16>: teacher mass outside the stored ids (round(rest * 65535))
 ENTROPY = "entropy"              # list<uint16>: teacher entropy over the full vocabulary (nats16 code)
-# Per-entry streams (encoded bytes, see teachercache.codec).
-TARGET_IDS = "target_ids"        # list<uint8>: id symbols, little-endian byte planes
+# Per-entry streams (encoded bytes, see teachercache.codec). Decoding them needs input_ids and
+# target_mask too: they pick each position's reference position.
+TARGET_IDS = "target_ids"        # list<uint8>: id symbols of the misses, little-endian byte planes
 TARGET_VALUES = "target_values"  # list<uint8>: LEB128 varints of quantised -log-prob deltas
+TARGET_REFS = "target_refs"      # list<uint8>: LEB128 varints: 0 = miss, else zigzag(index delta) + 1
 TARGET_COUNTS = "target_counts"  # list<uint8>: LEB128 varints of (draw count - 1); sampled targets only
+TARGET_STREAMS = (TARGET_IDS, TARGET_VALUES, TARGET_REFS, TARGET_COUNTS)
 HIDDEN_PREFIX = "hidden_"        # list<uint16>: P*H raw 16-bit floats per row, one column per layer
 
 TARGET_KINDS = ("topk", "nucleus", "sample")
@@ -68,7 +71,7 @@ class Quantizer:
 
     starts: tuple[float, ...] = (0.0, 1.0, 9.5)
     """Start of each piece, in nats of -log p; the first must be 0."""
-    steps: tuple[float, ...] = (1.0 / 128, 1.0 / 32, 0.25)
+    steps: tuple[float, ...] = (1.0 / 128, 1.0 / 26, 0.25)
     """Step of each piece, in nats."""
     max_nats: float = 80.0
     """Values of -log p above this are clipped to it."""
@@ -130,7 +133,7 @@ class Layout:
 
     def columns(self) -> list[str]:
         names = [INPUT_IDS, TARGET_MASK, TARGET_SIZES, LABEL_LOGPROB, REST_MASS, ENTROPY,
-                 TARGET_IDS, TARGET_VALUES]
+                 TARGET_IDS, TARGET_VALUES, TARGET_REFS]
         if self.sampled:
             names.append(TARGET_COUNTS)
         names += [hidden_column(layer) for layer in self.hidden_layers]
@@ -139,7 +142,8 @@ class Layout:
     def schema(self) -> pa.Schema:
         types = {INPUT_IDS: pa.int32(), TARGET_MASK: pa.bool_(), TARGET_SIZES: pa.uint16(),
                  LABEL_LOGPROB: pa.uint16(), REST_MASS: pa.uint16(), ENTROPY: pa.uint16(),
-                 TARGET_IDS: pa.uint8(), TARGET_VALUES: pa.uint8(), TARGET_COUNTS: pa.uint8()}
+                 TARGET_IDS: pa.uint8(), TARGET_VALUES: pa.uint8(), TARGET_REFS: pa.uint8(),
+                 TARGET_COUNTS: pa.uint8()}
         fields = [pa.field(name, pa.list_(types.get(name, pa.uint16())), nullable=False)
                   for name in self.columns()]
         meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: str(FORMAT_VERSION).encode(),

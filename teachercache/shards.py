@@ -24,7 +24,7 @@ import pyarrow.ipc as ipc
 
 from . import schema as S
 from .batch import RowBatch
-from .codec import decode_batch, encode_batch
+from .records import decode_batch, encode_batch
 from .errors import CacheCorruptError, CacheFormatError, CacheVersionError
 
 ZSTD_LEVEL = 7
@@ -140,13 +140,15 @@ class ShardReader:
                                     "the shard is truncated or damaged; rebuild it") from None
         check_schema(schema, layout, where)
         wanted = list(columns) if columns is not None else layout.columns()
+        if any(c in S.TARGET_STREAMS for c in wanted):  # decoding targets needs all of these
+            wanted += [c for c in decoding_columns(layout) if c not in wanted]
         missing = [c for c in wanted if c not in schema.names]
         if missing:
             raise CacheFormatError(where, f"columns {missing} are not in this shard",
                                    f"it has {schema.names}")
         # use_threads=False: callers parallelise by batch; for one batch the pool only adds overhead
         options = ipc.IpcReadOptions(use_threads=False,
-                                     included_fields=[schema.get_field_index(c) for c in wanted])
+                                     included_fields=sorted(schema.get_field_index(c) for c in wanted))
         self._reader = ipc.open_file(self._map, options=options)
         self.columns = wanted
 
@@ -179,6 +181,12 @@ class ShardReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def decoding_columns(layout: S.Layout) -> list[str]:
+    """The columns needed to decode the sparse targets."""
+    return [S.INPUT_IDS, S.TARGET_MASK, S.TARGET_SIZES, S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_REFS] + (
+        [S.TARGET_COUNTS] if layout.sampled else [])
 
 
 def check_schema(schema: pa.Schema, layout: S.Layout, where: str) -> None:

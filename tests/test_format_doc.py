@@ -30,7 +30,15 @@ def _doc_decoder():
 def test_documented_decoder_matches_the_library(tmp_path, layout):
     rng = np.random.default_rng(11)
     batches = [random_batch(rng, layout, [20, 0, 7], k=None if layout.sampled else 12) for _ in range(2)]
+    for b in batches:  # few contexts and a small id range: many entries refer to earlier positions
+        b.input_ids = rng.integers(0, 3, b.num_tokens).astype(np.int32)
+        for p in range(b.num_positions):
+            lo, hi = b.target_offsets[p], b.target_offsets[p + 1]
+            b.target_ids[lo:hi] = rng.choice(60, hi - lo, replace=False)
     write_cache(tmp_path / "c", batches, layout)
+    with Cache.open(tmp_path / "c").open_shard(0) as reader:
+        refs = reader.read_record_batch(0).column(S.TARGET_REFS).values.to_numpy()
+    assert (refs > 0).mean() > 0.1  # the documented reference scheme is exercised
     cache = Cache.open(tmp_path / "c")
     doc_rows = list(_doc_decoder()(str(cache.shard_path(0))))
     lib = list(cache.iter_batches())

@@ -40,11 +40,12 @@ from teachercache import codec, schema as S
 from teachercache.batch import RowBatch
 from teachercache.cache import Cache, CacheWriter
 from teachercache.inspect import column_bytes_estimate
+from teachercache.records import decode_batch, record_streams
 from teachercache.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
-from teachercache.shards import ZSTD_LEVEL, ShardReader
+from teachercache.shards import ZSTD_LEVEL, ShardReader, decoding_columns
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_SIZES)
+TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_REFS, S.TARGET_SIZES)
 DISTILLKIT_VALUE_BYTES = 16 * 2 + 6 * 4  # 16 exact bf16 log-probs + 6 fp32 polynomial coefficients
 
 
@@ -158,22 +159,22 @@ def decode_speed(cache: Cache, repeats: int) -> dict:
     numba.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    cols = [S.TARGET_SIZES, S.TARGET_IDS, S.TARGET_VALUES]
-    records, positions = [], 0
+    cols = decoding_columns(cache.layout)
+    prepared, positions = [], 0
     for i in range(len(cache.shards)):
         reader = ShardReader(cache.shard_path(i), cache.layout, cols)
-        records += [reader.read_record_batch(b) for b in range(reader.num_batches)]
-    positions = sum(len(r.column(S.TARGET_SIZES).values) for r in records)
-    prepared = []
-    for r in records:
-        sizes = r.column(S.TARGET_SIZES)
-        streams = codec.record_streams(r, cache.layout)
-        prepared.append((sizes.values.to_numpy(), sizes.offsets.to_numpy().astype(np.int64), streams))
-    codec.decode_targets(*prepared[0][:2], prepared[0][2], cache.layout)  # compile
+        for b in range(reader.num_batches):
+            r = reader.read_record_batch(b)
+            rows = decode_batch(r.select([S.INPUT_IDS, S.TARGET_MASK, S.TARGET_SIZES]), cache.layout)
+            contexts = codec.position_contexts(rows.input_ids, rows.target_mask, rows.row_offsets)
+            prepared.append((rows.target_sizes.astype(np.uint16), rows.row_positions, contexts,
+                             record_streams(r, cache.layout)))
+            positions += rows.num_positions
+    codec.decode_targets(*prepared[0], cache.layout)  # compile
     t0 = time.perf_counter()
     for _ in range(repeats):
-        for sizes, row_pos, streams in prepared:
-            codec.decode_targets(sizes, row_pos, streams, cache.layout)
+        for args in prepared:
+            codec.decode_targets(*args, cache.layout)
     kernel = positions * repeats / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -197,6 +198,39 @@ def zstandard_frame_bytes(cache: Cache, level: int) -> int:
                     for buf in (col.offsets.buffers()[1], col.values.buffers()[1]):
                         total += len(compressor.compress(buf.to_pybytes()))
     return total
+
+
+def id_coding_variants(batches: list[RowBatch], layout: S.Layout, level: int = 7) -> dict:
+    """Target bytes/position of the id/value codings the format was chosen from (zstandard frames per
+    batch and stream): ours (canonical order, references to the last position with the same context,
+    byte planes for misses); the same without references (every id a byte-plane symbol); and id order
+    (ids ascending with gaps as byte planes, codes in id order as two byte planes)."""
+    zc = zstandard.ZstdCompressor(level=level)
+    size = lambda *arrays: sum(len(zc.compress(np.ascontiguousarray(a).tobytes())) for a in arrays)  # noqa
+    planes = lambda x, n: np.concatenate([((x >> (8 * i)) & 0xFF).astype(np.uint8) for i in range(n)])  # noqa
+    totals = dict.fromkeys(["ours", "no_references", "id_order"], 0)
+    positions = 0
+    for b in batches:
+        rp = np.array([0, b.num_positions])
+        ctx = codec.position_contexts(b.input_ids, b.target_mask, b.row_offsets)
+        ours = codec.encode_targets(rp, b.target_offsets, b.target_ids, b.target_logprobs, None, ctx, layout)
+        totals["ours"] += size(ours.ids, ours.values, ours.refs)
+        # without references: every entry's symbol (tie gap or id) in byte planes
+        pos = np.repeat(np.arange(b.num_positions), b.target_sizes)
+        codes = codec.quantize_reference(b.target_logprobs, layout.quantizer)
+        ids = b.target_ids.astype(np.int64)
+        o = np.lexsort((ids, codes, pos))
+        p_, c_, i_ = pos[o], codes[o], ids[o]
+        tie = np.r_[False, (p_[1:] == p_[:-1]) & (c_[1:] == c_[:-1])]
+        sym = np.where(tie, i_ - np.r_[0, i_[:-1]] - 1, i_)
+        totals["no_references"] += size(planes(sym, layout.id_bytes), ours.values)
+        o2 = np.lexsort((ids, pos))
+        p2, i2, c2 = pos[o2], ids[o2], codes[o2]
+        first2 = np.r_[True, p2[1:] != p2[:-1]]
+        gaps = np.where(first2, i2, i2 - np.r_[0, i2[:-1]] - 1)
+        totals["id_order"] += size(planes(gaps, layout.id_bytes), planes(c2, 2))
+        positions += b.num_positions
+    return {k: v / positions for k, v in totals.items()}
 
 
 def measure(name, batches, layout, kind, workdir, positions, tokens, k_for_baselines=None,
@@ -247,7 +281,15 @@ def main():
           f"{np.exp(tops['lps'][:, 0]).mean():.3f}; mass outside top-64 mean "
           f"{1 - np.exp(tops['lps'][:, :64].astype(np.float64)).sum(1).mean():.4f}")
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_codec_"))
+    with tempfile.TemporaryDirectory(prefix="bench_codec_") as tmp:
+        run_all(args, rows, tops, Path(tmp))
+
+
+def run_all(args, rows: torch.Tensor, tops: dict, workdir: Path) -> None:
+    positions = len(tops["label"])
+    tokens = rows.numel()
+    V = tops["vocab_size"]
+    layout = S.Layout(vocab_size=V)
     runs = []
     for k in (16, 64, 128):
         sizes = np.full(positions, k)
@@ -299,6 +341,11 @@ def main():
         b = zstandard_frame_bytes(top64["_cache"], level) / positions
         variants[f"zstandard_frames{level}"] = {"bytes_per_position": b}
         print(f"  zstandard frames level {level:<19}{b:8.1f}")
+
+    coding = id_coding_variants(batches64, layout)
+    for name, b in coding.items():
+        variants[f"coding_{name}"] = {"bytes_per_position": b}
+        print(f"  id/value coding {name:<26}{b:8.1f}")
 
     summary = {r["name"]: {k: v for k, v in r.items() if k not in ("_cache", "name")} for r in runs}
     print(json.dumps({"bench": "codec", "teacher": str(args.teacher), "vocab_size": V, "positions": positions,

@@ -11,6 +11,7 @@ from teachercache import codec, schema as S
 from teachercache.errors import CacheCorruptError, CacheFormatError
 
 from helpers import random_batch
+from teachercache.records import positions_of_rows
 
 
 def _csr(groups):
@@ -23,8 +24,15 @@ def _csr(groups):
 
 
 def _assert_same_streams(a: codec.TargetStreams, b: codec.TargetStreams):
-    for name in ("ids", "id_offsets", "values", "value_offsets", "counts", "count_offsets"):
+    for name in codec.TargetStreams.FIELDS:
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def _contexts(n_pos, rng, n_tokens=3):
+    """Few distinct context tokens, so that many positions have a reference position."""
+    cur = rng.integers(0, n_tokens, n_pos)
+    prev = np.where(rng.random(n_pos) < 0.2, -1, rng.integers(0, n_tokens, n_pos))
+    return cur, prev
 
 
 def _as_sets(offsets, ids, lps, counts=None):
@@ -73,13 +81,15 @@ def test_kernels_match_references_on_adversarial_positions(layout):
             ([top, 0, 1], [-1e-7, -30.0, -30.0 - 1e-6]),  # quantisation makes a tie
             ([2, top], [-9.2103, -9.5]),                  # around the fine/coarse boundary
         ]
+    groups = groups + groups[::-1]  # the same sets again: references to earlier positions
     offsets, ids, lps = _csr(groups)
+    ctx = _contexts(len(groups), np.random.default_rng(0), n_tokens=min(V, 2))
     row_positions = np.array([0, 2, 2, len(groups)], np.int64)  # includes a row with no positions
-    got = codec.encode_targets(row_positions, offsets, ids, lps, None, layout)
-    _assert_same_streams(got, codec.encode_targets_reference(row_positions, offsets, ids, lps, None, layout))
+    got = codec.encode_targets(row_positions, offsets, ids, lps, None, ctx, layout)
+    _assert_same_streams(got, codec.encode_targets_reference(row_positions, offsets, ids, lps, None, ctx, layout))
     sizes = np.diff(offsets).astype(np.uint16)
-    dec = codec.decode_targets(sizes, row_positions, got, layout)
-    ref = codec.decode_targets_reference(sizes, row_positions, got, layout)
+    dec = codec.decode_targets(sizes, row_positions, ctx, got, layout)
+    ref = codec.decode_targets_reference(sizes, row_positions, ctx, got, layout)
     for a, b in zip(dec[:3], ref[:3]):
         np.testing.assert_array_equal(a, b)
     q = layout.quantizer
@@ -95,14 +105,18 @@ def test_kernels_match_references_on_random_batches(sampled):
     rng = np.random.default_rng(7)
     layout = S.Layout(vocab_size=50_000, sampled=sampled)
     batch = random_batch(rng, layout, [40, 0, 17, 33], k=None if sampled else 16)
-    rp = np.concatenate([[0], np.cumsum([batch.target_mask[a:b].sum() for a, b in
-                                         zip(batch.row_offsets, batch.row_offsets[1:])])])
-    args = (rp, batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts, layout)
+    for p in range(batch.num_positions // 2, batch.num_positions):  # a small id range: references hit
+        a, b = batch.target_offsets[p], batch.target_offsets[p + 1]
+        batch.target_ids[a:b] = rng.choice(60, b - a, replace=False)
+    rp = positions_of_rows(batch.target_mask, batch.row_offsets)
+    ctx = codec.position_contexts(rng.integers(0, 4, batch.num_tokens), batch.target_mask, batch.row_offsets)
+    args = (rp, batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts, ctx, layout)
     got = codec.encode_targets(*args)
     _assert_same_streams(got, codec.encode_targets_reference(*args))
+    assert (got.refs > 0).mean() > 0.05  # references are exercised
     sizes = np.diff(batch.target_offsets).astype(np.uint16)
-    dec = codec.decode_targets(sizes, rp, got, layout)
-    ref = codec.decode_targets_reference(sizes, rp, got, layout)
+    dec = codec.decode_targets(sizes, rp, ctx, got, layout)
+    ref = codec.decode_targets_reference(sizes, rp, ctx, got, layout)
     for a, b in zip(dec, ref):
         np.testing.assert_array_equal(a, b)
     want = _as_sets(batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts)
@@ -130,19 +144,25 @@ def _rows(draw):
             groups.append((ids, lps))
     counts = draw(st.lists(st.integers(1, 65535), min_size=sum(len(g[0]) for g in groups),
                            max_size=sum(len(g[0]) for g in groups)))
-    return layout, groups, row_sizes, counts
+    n_ctx = min(V, draw(st.integers(1, 4)))
+    cur = draw(st.lists(st.integers(0, n_ctx - 1), min_size=len(groups), max_size=len(groups)))
+    prev = draw(st.lists(st.integers(-1, n_ctx - 1), min_size=len(groups), max_size=len(groups)))
+    return layout, groups, row_sizes, counts, (np.asarray(cur), np.asarray(prev))
 
 
 @settings(max_examples=200, deadline=None)
 @given(_rows())
 def test_round_trip_property(case):
-    layout, groups, row_sizes, counts = case
+    layout, groups, row_sizes, counts, ctx = case
     offsets, ids, lps = _csr(groups)
     counts = np.asarray(counts, np.int64) if layout.sampled else None
     rp = np.concatenate([[0], np.cumsum(row_sizes)]).astype(np.int64)
-    streams = codec.encode_targets(rp, offsets, ids, lps, counts, layout)
-    _assert_same_streams(streams, codec.encode_targets_reference(rp, offsets, ids, lps, counts, layout))
-    dec = codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout)
+    streams = codec.encode_targets(rp, offsets, ids, lps, counts, ctx, layout)
+    _assert_same_streams(streams, codec.encode_targets_reference(rp, offsets, ids, lps, counts, ctx, layout))
+    sizes = np.diff(offsets).astype(np.uint16)
+    dec = codec.decode_targets(sizes, rp, ctx, streams, layout)
+    for a, b in zip(dec, codec.decode_targets_reference(sizes, rp, ctx, streams, layout)):
+        np.testing.assert_array_equal(a, b)
     q = layout.quantizer
     for want, have in zip(_as_sets(offsets, ids, lps, counts), _as_sets(*dec)):
         assert want.keys() == have.keys()
@@ -165,21 +185,28 @@ def test_fidelity_on_entries_above_1e4_is_within_002_nats():
 def test_encode_refuses_bad_targets():
     layout = S.Layout(vocab_size=10)
     rp = np.array([0, 1])
+    ctx = (np.array([1]), np.array([-1]))
     for ids, lps, problem in [([3, 3], [-1.0, -2.0], "same id twice"), ([10], [-1.0], "outside the vocabulary"),
                               ([-1], [-1.0], "outside the vocabulary"), ([1], [np.nan], "NaN or positive"),
                               ([1], [0.5], "NaN or positive")]:
         offsets, ids, lps = _csr([(ids, lps)])
         with pytest.raises(CacheFormatError, match=problem):
-            codec.encode_targets(rp, offsets, ids, lps, None, layout)
+            codec.encode_targets(rp, offsets, ids, lps, None, ctx, layout)
     offsets, ids, lps = _csr([([1], [-1.0])])
     with pytest.raises(CacheFormatError, match="draw count"):
-        codec.encode_targets(rp, offsets, ids, lps, np.array([0]), S.Layout(vocab_size=10, sampled=True))
+        codec.encode_targets(rp, offsets, ids, lps, np.array([0]), ctx, S.Layout(vocab_size=10, sampled=True))
+    with pytest.raises(CacheFormatError, match="context token"):
+        codec.encode_targets(rp, offsets, ids, lps, None, (np.array([10]), np.array([-1])), layout)
+
+
+CTX = (np.array([1, 2, 1]), np.array([-1, 1, -1]))
 
 
 def _encoded(layout, sampled_counts=None):
-    offsets, ids, lps = _csr([([5, 9, 2], [-0.1, -3.0, -3.0]), ([7], [-200.0])])
-    rp = np.array([0, 2], np.int64)
-    return offsets, rp, codec.encode_targets(rp, offsets, ids, lps, sampled_counts, layout)
+    """Two rows; the third position refers back to the first (same context) and hits 5 and 9."""
+    offsets, ids, lps = _csr([([5, 9, 2], [-0.1, -3.0, -3.0]), ([7], [-200.0]), ([9, 5, 1], [-0.2, -2.0, -4.0])])
+    rp = np.array([0, 2, 3], np.int64)
+    return offsets, rp, codec.encode_targets(rp, offsets, ids, lps, sampled_counts, CTX, layout)
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -189,75 +216,42 @@ def _encoded(layout, sampled_counts=None):
      s.value_offsets.__setitem__(-1, len(s.values)), "left over"),
     (lambda s: s.values.__setitem__(0, 0xFF), "malformed|ends early|beyond"),
     (lambda s: s.values.__setitem__(0, 0xFF) or s.values.__setitem__(1, 0x7F), "beyond the quantiser"),
-    (lambda s: setattr(s, "ids", s.ids[:-1]), "does not match"),
+    (lambda s: setattr(s, "ids", s.ids[:-1]), "more or fewer symbols|whole number"),
     (lambda s: s.ids.__setitem__(slice(None), 0xFF), "outside the vocabulary"),
     (lambda s: s.value_offsets.__setitem__(-1, 10**9), "offsets of the target streams are inconsistent"),
+    (lambda s: s.refs.__setitem__(-2, 0x7F), "outside its reference list"),
+    (lambda s: s.refs.__setitem__(-3, 0), "more or fewer symbols"),
 ])
 def test_decode_refuses_damaged_streams(damage, problem):
     layout = S.Layout(vocab_size=10)
     offsets, rp, streams = _encoded(layout)
     streams.ids = streams.ids.copy()
     streams.values = streams.values.copy()
+    streams.refs = streams.refs.copy()
+    assert (streams.refs[-3:] > 0).sum() == 2  # the last position hits twice
     damage(streams)
     if streams.id_offsets[-1] != len(streams.ids):
         streams.id_offsets = streams.id_offsets.copy()
         streams.id_offsets[-1] = len(streams.ids)
     with pytest.raises(CacheCorruptError, match=problem):
-        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout, where="shard.arrow")
+        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, CTX, streams, layout, where="shard.arrow")
 
 
 def test_decode_refuses_huge_declared_sizes():
     layout = S.Layout(vocab_size=10)
     offsets, rp, streams = _encoded(layout)
-    sizes = np.array([65535, 65535], np.uint16)  # a hostile length: must not read out of bounds
-    with pytest.raises(CacheCorruptError, match="does not match"):
-        codec.decode_targets(sizes, rp, streams, layout)
+    sizes = np.array([65535, 65535, 65535], np.uint16)  # a hostile length: must not read out of bounds
+    with pytest.raises(CacheCorruptError, match="beyond the quantiser|runs past"):
+        codec.decode_targets(sizes, rp, CTX, streams, layout)
 
 
 def test_damaged_count_stream_is_refused():
     layout = S.Layout(vocab_size=10, sampled=True)
-    offsets, rp, streams = _encoded(layout, np.array([1, 2, 3, 4]))
+    offsets, rp, streams = _encoded(layout, np.array([1, 2, 3, 4, 5, 6, 7]))
     streams.counts = streams.counts[:-1]
     streams.count_offsets = streams.count_offsets.copy()
     streams.count_offsets[-1] = len(streams.counts)
     with pytest.raises(CacheCorruptError, match="count stream"):
-        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, streams, layout)
+        codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, CTX, streams, layout)
 
 
-@pytest.mark.parametrize("dtype, rtol", [("bfloat16", 2**-8), ("float16", 2**-11)])
-def test_float16_hidden_states_round_trip(dtype, rtol):
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal(10_000) * 10).astype(np.float32)
-    y = codec.decode_float16(codec.encode_float16(x, dtype), dtype)
-    assert np.all(np.abs(y - x) <= rtol * np.abs(x) + 1e-6)
-    if dtype == "bfloat16":  # compare with torch's own bfloat16 rounding
-        import torch
-        want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
-        np.testing.assert_array_equal(y, want)
-
-
-def test_batch_round_trip_all_columns():
-    rng = np.random.default_rng(3)
-    layout = S.Layout(vocab_size=3000, sampled=True, hidden_layers=(0, 2), hidden_width=6)
-    batch = random_batch(rng, layout, [9, 0, 12, 1], k=None)
-    out = codec.decode_batch(codec.encode_batch(batch, layout), layout)
-    np.testing.assert_array_equal(out.row_offsets, batch.row_offsets)
-    np.testing.assert_array_equal(out.input_ids, batch.input_ids)
-    np.testing.assert_array_equal(out.target_mask, batch.target_mask)
-    np.testing.assert_array_equal(out.target_sizes, batch.target_sizes)
-    assert np.abs(out.label_logprob - batch.label_logprob).max() <= 0.5 / S.NATS16_SCALE + 1e-6
-    assert np.abs(out.entropy - batch.entropy).max() <= 0.5 / S.NATS16_SCALE + 1e-6
-    assert np.abs(out.rest_mass - batch.rest_mass).max() <= 0.5 / S.REST_SCALE + 1e-7
-    for layer in (0, 2):
-        np.testing.assert_allclose(out.hidden[layer], batch.hidden[layer], rtol=2**-8, atol=1e-6)
-    assert _as_sets(out.target_offsets, out.target_ids, np.zeros(len(out.target_ids)), out.target_counts) == \
-        _as_sets(batch.target_offsets, batch.target_ids, np.zeros(len(batch.target_ids)), batch.target_counts)
-
-
-def test_batch_encode_checks_shapes():
-    rng = np.random.default_rng(3)
-    layout = S.Layout(vocab_size=100)
-    batch = random_batch(rng, layout, [5, 5])
-    batch.rest_mass = batch.rest_mass[:-1]
-    with pytest.raises(CacheFormatError, match="rest_mass: expected"):
-        codec.encode_batch(batch, layout, where="x.arrow")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from teachercache import schema as S
 from teachercache.errors import CacheCorruptError, CacheFormatError, CacheVersionError
@@ -122,3 +123,56 @@ def test_schema_version_and_layout_are_checked(tmp_path):
         w.write_table(table.replace_schema_metadata(meta))
     with pytest.raises(CacheVersionError, match="v2.arrow: shard format version 2"):
         ShardReader(tmp_path / "v2.arrow", LAYOUT)
+
+
+@st.composite
+def _batches(draw):
+    V = draw(st.sampled_from([1, 2, 256, 257, 8192, 65537]))
+    hidden = draw(st.sampled_from([(), (0,), (1, 5)]))
+    layout = S.Layout(vocab_size=V, sampled=draw(st.booleans()), hidden_layers=hidden,
+                      hidden_width=3 if hidden else 0, hidden_dtype=draw(st.sampled_from(S.HIDDEN_DTYPES)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batches = []
+    for _ in range(draw(st.integers(1, 3))):
+        lengths = draw(st.lists(st.integers(0, 12), min_size=1, max_size=4))
+        k = draw(st.one_of(st.none(), st.integers(1, 16)))
+        b = random_batch(rng, layout, lengths, k=k, mask_prob=draw(st.sampled_from([0.0, 0.5, 1.0])))
+        if b.num_entries:  # adversarial values at random entries: p = 1, p = 0, the last id
+            n = b.num_entries
+            b.target_logprobs[rng.integers(0, n, 3)] = draw(st.sampled_from([0.0, -np.inf, -1e-12, -9.21]))
+            first = b.target_offsets[:-1][b.target_sizes > 0]
+            b.target_ids[first] = np.where(np.isin(V - 1, b.target_ids), b.target_ids[first], V - 1)
+        batches.append(b)
+    return layout, batches
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_batches())
+def test_write_read_round_trip_property(tmp_path_factory, case):
+    layout, batches = case
+    path = tmp_path_factory.mktemp("rt") / "s.arrow"
+    with ShardWriter(path, layout) as writer:
+        for b in batches:
+            writer.write(b)
+    q = layout.quantizer
+    with ShardReader(path, layout) as reader:
+        assert reader.num_batches == len(batches)
+        for want, got in zip(batches, reader):
+            np.testing.assert_array_equal(got.input_ids, want.input_ids)
+            np.testing.assert_array_equal(got.target_mask, want.target_mask)
+            np.testing.assert_array_equal(got.target_sizes, want.target_sizes)
+            assert np.abs(got.rest_mass - want.rest_mass).max(initial=0) <= 1e-3
+            assert np.abs(got.label_logprob - want.label_logprob).max(initial=0) <= 1e-3
+            for p in range(want.num_positions):
+                w = slice(want.target_offsets[p], want.target_offsets[p + 1])
+                g = slice(got.target_offsets[p], got.target_offsets[p + 1])
+                ow, og = np.argsort(want.target_ids[w]), np.argsort(got.target_ids[g])
+                np.testing.assert_array_equal(want.target_ids[w][ow], got.target_ids[g][og])
+                x = np.minimum(-want.target_logprobs[w][ow].astype(np.float64), q.max_nats)
+                bound = np.array([q.max_error(v) for v in x]) + 1e-5
+                assert (np.abs(-x - got.target_logprobs[g][og]) <= bound).all()
+                if layout.sampled:
+                    np.testing.assert_array_equal(want.target_counts[w][ow], got.target_counts[g][og])
+            for layer in layout.hidden_layers:
+                rtol = 2**-8 if layout.hidden_dtype == "bfloat16" else 2**-11
+                np.testing.assert_allclose(got.hidden[layer], want.hidden[layer], rtol=rtol, atol=1e-6)
