@@ -319,6 +319,11 @@ def encode_targets(row_positions, target_offsets, ids, logprobs, counts, context
     n_pos, n_entries, V = len(target_offsets) - 1, len(ids), layout.vocab_size
     if len(cur) != n_pos or len(prev) != n_pos:
         raise CacheFormatError(where, f"contexts: expected {n_pos} per position, got {len(cur)}/{len(prev)}")
+    for name, offsets, end in (("target_offsets", target_offsets, n_entries), ("row_positions", row_positions, n_pos)):
+        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != end or (np.diff(offsets) < 0).any():
+            raise CacheFormatError(where, f"{name}: offsets must rise from 0 to {end}")
+    if len(logprobs) != n_entries or len(counts) != (n_entries if has_counts else 0):
+        raise CacheFormatError(where, f"target_logprobs/target_counts: expected {n_entries} values")
     starts, steps, bases = quantizer_arrays(layout.quantizer)
     row_entries = np.diff(target_offsets[row_positions])
     outs = dict(id_out=np.empty(n_entries * layout.id_bytes, np.uint8),

@@ -84,6 +84,8 @@ class Quantizer:
             n = (b - a) / s
             if s <= 0 or b <= a or abs(n - round(n)) > 1e-9:
                 raise ValueError(f"Quantizer: piece [{a}, {b}) is not a whole number of steps of {s}")
+        if self.bases()[-1] >= 1 << 20:
+            raise ValueError(f"Quantizer: {self.bases()[-1] + 1} codes; at most 2**20 fit the format")
 
     def bases(self) -> tuple[int, ...]:
         """The code of each piece's start, and after them the largest code."""

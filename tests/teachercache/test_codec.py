@@ -197,6 +197,10 @@ def test_encode_refuses_bad_targets():
         codec.encode_targets(rp, offsets, ids, lps, np.array([0]), ctx, S.Layout(vocab_size=10, sampled=True))
     with pytest.raises(CacheFormatError, match="context token"):
         codec.encode_targets(rp, offsets, ids, lps, None, (np.array([10]), np.array([-1])), layout)
+    with pytest.raises(CacheFormatError, match="target_offsets: offsets must rise from 0 to 1"):
+        codec.encode_targets(rp, np.array([0, 5]), ids, lps, None, ctx, layout)
+    with pytest.raises(ValueError, match="at most 2"):
+        S.Quantizer(starts=(0.0,), steps=(1e-5,))
 
 
 CTX = (np.array([1, 2, 1]), np.array([-1, 1, -1]))
