@@ -220,8 +220,8 @@ def _context_tables(vocab_size: int, n_positions: int):
 
 
 def _reference_python(tables: dict, cur: int, prev: int) -> int:
-    r = tables.get(("pair", prev, cur), tables.get(("token", cur), -1))
-    return r
+    """The reference position by the rule in plain words: latest same (prev, cur), else same cur."""
+    return tables.get(("pair", prev, cur), tables.get(("token", cur), -1))
 
 
 # ---------------------------------------------------------------------------------------------------

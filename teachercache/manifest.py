@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -212,7 +213,7 @@ def _expect(raw: dict, name: str, kind: type, where: str):
 def _parse(value, hint, name: str, where: str):
     """Check ``value`` against the type hint ``hint`` and build dataclasses; raises CacheFormatError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]

@@ -85,15 +85,16 @@ def encode_batch(batch: RowBatch, layout: S.Layout, where: str = "<batch>") -> p
                              batch.target_counts, position_contexts(batch.input_ids, mask, row_offsets),
                              layout, where)
     sizes = np.diff(np.asarray(batch.target_offsets, np.int64)).astype(np.uint16)
-    per_position = lambda values, name: _list_array(row_positions, values, pa.uint16(), where)  # noqa: E731
+    def per_position(values):
+        return _list_array(row_positions, values, pa.uint16(), where)
+
     columns = {
         S.INPUT_IDS: _list_array(row_offsets, np.asarray(batch.input_ids, np.int32), pa.int32(), where),
         S.TARGET_MASK: _list_array(row_offsets, mask, pa.bool_(), where),
-        S.TARGET_SIZES: per_position(sizes, S.TARGET_SIZES),
-        S.LABEL_LOGPROB: per_position(encode_nats16(-np.asarray(batch.label_logprob), S.LABEL_LOGPROB, where),
-                                      S.LABEL_LOGPROB),
-        S.REST_MASS: per_position(encode_rest(batch.rest_mass, where), S.REST_MASS),
-        S.ENTROPY: per_position(encode_nats16(batch.entropy, S.ENTROPY, where), S.ENTROPY),
+        S.TARGET_SIZES: per_position(sizes),
+        S.LABEL_LOGPROB: per_position(encode_nats16(-np.asarray(batch.label_logprob), S.LABEL_LOGPROB, where)),
+        S.REST_MASS: per_position(encode_rest(batch.rest_mass, where)),
+        S.ENTROPY: per_position(encode_nats16(batch.entropy, S.ENTROPY, where)),
         S.TARGET_IDS: _list_array(streams.id_offsets, streams.ids, pa.uint8(), where),
         S.TARGET_VALUES: _list_array(streams.value_offsets, streams.values, pa.uint8(), where),
         S.TARGET_REFS: _list_array(streams.ref_offsets, streams.refs, pa.uint8(), where),
