@@ -506,7 +506,7 @@ def decode_targets(sizes, row_positions, contexts, streams: TargetStreams, layou
         sizes, row_positions, cur, prev, streams.ids, pairs[0][0], streams.values, pairs[1][0],
         streams.refs, pairs[2][0], streams.counts, pairs[3][0], layout.sampled, logprob_table(layout.quantizer), layout.id_bytes,
         layout.vocab_size, target_offsets, out_ids, out_lp, out_counts,
-        *_context_tables(layout.vocab_size, len(sizes)), np.empty(65536, np.int64), np.empty(65536, np.int64))
+        *_context_tables(layout.vocab_size, len(sizes)), np.empty(65536, np.int32), np.empty(65536, np.int32))
     if status != _OK:
         raise CacheCorruptError(where, f"row {row} of the batch: {_STATUS_TEXT[status]}",
                                 "the shard is damaged; run `teachercache verify` and rebuild it")
