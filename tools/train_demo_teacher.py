@@ -21,9 +21,11 @@ What it does, top to bottom:
    It is evaluated on the valid split (packed the same way) and saved with
    the tokenizer into ``data/teacher/``, plus ``training_summary.json``.
 
-How long it takes: with ``--minutes 20`` (the default) about 22 minutes on two
-CPU cores: 20 minutes of training plus under a minute for the corpus, the
-tokenizer and the evaluation.
+How long it takes: with ``--minutes 20`` (the default) about 23-25 minutes on
+two CPU cores: the 20-minute budget becomes a step count from the timing of
+the first steps, which tends to run a few minutes over (696 steps took 23
+minutes on an idle 2-core AMD EPYC, 27 on a busy one), plus under a minute
+for the corpus, the tokenizer and the evaluation.
 
 Determinism: all seeds are fixed.  ``--steps N`` fixes the number of
 optimizer steps, so a run is reproducible.  With ``--minutes`` the script times
