@@ -138,14 +138,18 @@ class ShardReader:
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
             raise CacheCorruptError(where, f"not a readable Arrow IPC file ({e})",
                                     "the shard is truncated or damaged; rebuild it") from None
-        check_schema(schema, layout, where)
-        wanted = list(columns) if columns is not None else layout.columns()
-        if any(c in S.TARGET_STREAMS for c in wanted):  # decoding targets needs all of these
-            wanted += [c for c in decoding_columns(layout) if c not in wanted]
-        missing = [c for c in wanted if c not in schema.names]
-        if missing:
-            raise CacheFormatError(where, f"columns {missing} are not in this shard",
-                                   f"it has {schema.names}")
+        try:
+            check_schema(schema, layout, where)
+            wanted = list(columns) if columns is not None else layout.columns()
+            if any(c in S.TARGET_STREAMS for c in wanted):  # decoding targets needs all of these
+                wanted += [c for c in decoding_columns(layout) if c not in wanted]
+            missing = [c for c in wanted if c not in schema.names]
+            if missing:
+                raise CacheFormatError(where, f"columns {missing} are not in this shard",
+                                       f"it has {schema.names}")
+        except CacheFormatError:
+            self._map.close()
+            raise
         # use_threads=False: callers parallelise by batch; for one batch the pool only adds overhead
         options = ipc.IpcReadOptions(use_threads=False,
                                      included_fields=sorted(schema.get_field_index(c) for c in wanted))
