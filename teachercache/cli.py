@@ -29,6 +29,69 @@ def main():
     from the cache alone."""
 
 
+def _layers(ctx, param, value):
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip()) if value else ()
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give layer indices separated by commas, e.g. 3,6") from None
+
+
+@main.command("build")
+@click.option("--teacher", required=True, help="Hub id or local directory of the teacher model.")
+@click.option("--data", "data", required=True, multiple=True,
+              help="Input: .jsonl/.parquet/.txt/.arrow file or a directory of them (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per row.")
+@click.option("--packing", type=click.Choice(["concat", "document"]), default="concat", show_default=True,
+              help="concat: join documents with EOS and cut rows; document: one document per row.")
+@click.option("--batch-size", default=8, show_default=True, help="Rows per forward pass.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Teacher dtype (auto: bf16 on GPU, fp32 on CPU).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--target", "kind", type=click.Choice(["topk", "nucleus", "sample"]), default="topk",
+              show_default=True, help="What to store per position.")
+@click.option("--k", default=64, show_default=True, help="topk: ids per position.")
+@click.option("--top-p", default=0.95, show_default=True, help="nucleus: mass to reach.")
+@click.option("--min-k", default=1, show_default=True, help="nucleus: fewest ids per position.")
+@click.option("--max-k", default=128, show_default=True, help="nucleus: most ids per position.")
+@click.option("--samples", default=64, show_default=True, help="sample: draws per position.")
+@click.option("--seed", default=0, show_default=True, help="sample: seed of the draws.")
+@click.option("--temperature", default=1.0, show_default=True, help="Teacher softmax temperature.")
+@click.option("--hidden-layers", callback=_layers, default="", help="Hidden states to store, e.g. 3,6.")
+@click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option("--text-field", default="text", show_default=True, help="Field/column holding the text.")
+@click.option("--max-docs", type=int, default=None, help="Read at most this many documents.")
+@click.option("--shard-mb", default=512, show_default=True, help="Close a shard at this many MB.")
+@click.option("--zstd-level", default=7, show_default=True, help="Shard compression (19: smaller, slower).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
+@click.option("--trust-remote-code", is_flag=True, help="Let the teacher repository run its own code.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build_command(teacher, data, out, seq_len, packing, batch_size, dtype, device, kind, k, top_p, min_k,
+                  max_k, samples, seed, temperature, hidden_layers, hidden_dtype, text_field, max_docs,
+                  shard_mb, zstd_level, resume, overwrite, trust_remote_code, no_progress):
+    """Run the teacher once over --data and write the cache to --out."""
+    from .build import BuildOptions, build_cache
+    from .data import DataOptions
+    from .manifest import TargetSpec
+
+    targets = TargetSpec(kind=kind, k=k if kind == "topk" else None,
+                         top_p=top_p if kind == "nucleus" else None, min_k=min_k if kind == "nucleus" else None,
+                         max_k=max_k if kind == "nucleus" else None, samples=samples if kind == "sample" else None,
+                         seed=seed if kind == "sample" else None, temperature=temperature)
+    options = BuildOptions(
+        teacher=teacher, out=out, targets=targets, batch_size=batch_size, dtype=dtype, device=device,
+        data=DataOptions(paths=tuple(data), seq_len=seq_len, packing=packing, text_field=text_field,
+                         max_docs=max_docs),
+        hidden_layers=hidden_layers, hidden_dtype=hidden_dtype, shard_bytes=shard_mb << 20,
+        zstd_level=zstd_level, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        progress=not no_progress)
+    result = build_cache(options)
+    if result.rows:
+        click.echo(f"{out}: {result.rows:,} rows, {result.tokens:,} tokens, {result.bytes / result.tokens:.1f} "
+                   f"bytes/token, {result.seconds:.1f} s ({result.tokens / result.seconds:,.0f} tokens/s)")
+
+
 @main.command("inspect")
 @click.argument("cache", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

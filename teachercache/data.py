@@ -232,7 +232,7 @@ class Row:
 def tokenize(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
     """(ids, label flags): label flag i says whether token i is a target (its predecessor predicts it)."""
     if doc.messages is None:
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
         return ids, [True] * len(ids)
     return chat_tokens(doc.messages, tokenizer, doc.source)
 

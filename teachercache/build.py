@@ -1,0 +1,371 @@
+"""The teacher pass: corpus in, cache out (`teachercache build`).
+
+    rows (teachercache.data) -> batches -> teacher forward (no_grad) -> targets on the device
+    (teachercache.targets) -> RowBatch -> bounded queue -> writer thread: encode (numba, nogil) + write
+    shards (teachercache.cache.CacheWriter) -> manifest.json, last.
+
+The device never waits on encoding or disk while the queue has room: the writer thread runs beside the
+forward pass, and the queue bounds memory to ``queue_batches`` batches. One forward batch becomes one
+Arrow record batch.
+
+Resume: after each shard is closed, ``state/rank-{r}.json`` records the shards done and the rows they
+cover (written atomically). ``--resume`` checks those shards' checksums, removes anything else the rank
+left in shards/, skips the rows already covered and goes on; batches and shard cuts are deterministic,
+so the result is the same cache as a build that never stopped.
+
+Several processes (torchrun): rank r of w takes rows i with i mod w = r and writes its own shards; after
+a barrier rank 0 reads every rank's state file and writes the one manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import schema as S
+from .batch import RowBatch
+from .cache import DEFAULT_SHARD_BYTES, CacheWriter
+from .data import DataOptions, DocumentCounts, data_fingerprint, iter_rows
+from .errors import TeachercacheError
+from .manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR, DataInfo, TargetSpec, TeacherInfo,
+                       TokenizerInfo, config_fingerprint, tokenizer_fingerprint, write_json_atomic)
+from .shards import ShardInfo, ZSTD_LEVEL, file_sha256
+from .targets import check_spec, compute_targets
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class BuildError(TeachercacheError):
+    """A build that cannot start or go on as asked."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `teachercache build` needs; the CLI maps its flags onto this and nothing else."""
+
+    teacher: str
+    """Hub id or local directory of the teacher."""
+    data: DataOptions
+    """The input documents and how they become rows."""
+    out: str
+    """The cache directory to write."""
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    """What to store per position (kind, k, top_p, samples, ...)."""
+    batch_size: int = 8
+    """Rows per forward pass (and per Arrow record batch)."""
+    dtype: str = "auto"
+    """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
+    device: str = "auto"
+    """auto (cuda if available), cuda, cpu."""
+    hidden_layers: tuple[int, ...] = ()
+    """Hidden-state layers to store (0 = embeddings output, L = last layer), at target positions."""
+    hidden_dtype: str = "bfloat16"
+    """bfloat16 or float16."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    """A shard is closed once it holds this many bytes."""
+    zstd_level: int = ZSTD_LEVEL
+    """Arrow IPC zstd level of the shards (19: ~4% smaller, ~20x slower to write)."""
+    resume: bool = False
+    """Continue an interrupted build into ``out``."""
+    overwrite: bool = False
+    """Delete whatever ``out`` holds first."""
+    trust_remote_code: bool = False
+    """Let transformers run the teacher repository's own code (off unless asked for)."""
+    queue_batches: int = 4
+    """Batches waiting for the writer at most (bounds memory)."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+
+@dataclass
+class BuildResult:
+    manifest_path: Path
+    rows: int
+    tokens: int
+    bytes: int
+    seconds: float
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _device_and_dtype(options: BuildOptions) -> tuple[torch.device, torch.dtype]:
+    if options.device not in ("auto", "cuda", "cpu"):
+        raise BuildError(f"--device {options.device!r}: choose auto, cuda or cpu")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("--device cuda: no CUDA device is available (use --device cpu)")
+    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
+                          options.device if options.device != "auto" else "cpu")
+    if options.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if options.dtype not in DTYPES:
+        raise BuildError(f"--dtype {options.dtype!r}: choose auto, bf16, fp16 or fp32")
+    return device, DTYPES[options.dtype]
+
+
+def load_teacher(options: BuildOptions, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(options.teacher)
+    if (path.is_absolute() or options.teacher.startswith(".")) and not path.exists():
+        raise BuildError(f"--teacher {options.teacher}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.teacher, trust_remote_code=options.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtype,
+                                                     trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--teacher {options.teacher}: cannot be loaded ({e})") from None
+    return tokenizer, model.to(device).eval()
+
+
+def _check_model(options: BuildOptions, model, vocab_size: int) -> None:
+    cfg = model.config
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    for layer in options.hidden_layers:
+        if n_layers is None or not 0 <= layer <= n_layers:
+            raise BuildError(f"--hidden-layers {layer}: the teacher has hidden states 0..{n_layers} "
+                             "(0 = embeddings, the last = final layer)")
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if max_pos is not None and options.data.seq_len > max_pos:
+        raise BuildError(f"--seq-len {options.data.seq_len} exceeds the teacher's "
+                         f"max_position_embeddings {max_pos}; use --seq-len {max_pos} or less")
+    out_size = model.get_output_embeddings().weight.shape[0]
+    if out_size < vocab_size:
+        raise BuildError(f"the teacher's output has {out_size} columns but its tokenizer {vocab_size} "
+                         "tokens: they do not belong together")
+    try:
+        check_spec(options.targets, vocab_size)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache directory: refuse, clear or resume; lock against a second build.
+
+
+def _refuse_out_dir(options: BuildOptions) -> None:
+    """Before anything is loaded: a non-empty --out needs --resume or --overwrite."""
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a directory (--out)")
+    if out.exists() and any(out.iterdir()) and not (options.resume or options.overwrite):
+        raise BuildError(f"{out}: not empty; add --resume to continue a build there or --overwrite "
+                         "to replace it")
+    if options.resume and (out / MANIFEST_NAME).exists():
+        raise BuildError(f"{out}: the build is already complete (manifest.json exists)")
+
+
+def _prepare_dir(options: BuildOptions, rank: int) -> dict:
+    """Returns this rank's resume state ({} for a fresh start)."""
+    out = Path(options.out)
+    if rank == 0 and out.exists() and options.overwrite and not options.resume:
+        for name in (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / STATE_DIR).mkdir(exist_ok=True)
+    state_path = out / STATE_DIR / f"rank-{rank:03d}.json"
+    state = json.loads(state_path.read_text()) if (options.resume and state_path.exists()) else {}
+    done = {s["file"] for s in state.get("shards", [])}
+    for s in state.get("shards", []):
+        if file_sha256(out / s["file"]) != s["sha256"]:
+            raise BuildError(f"{out / s['file']}: checksum differs from {state_path}; rebuild with --overwrite")
+    for leftover in (out / SHARDS_DIR).glob(f"part-r{rank:03d}-*"):
+        if f"{SHARDS_DIR}/{leftover.name}" not in done:
+            leftover.unlink()  # an unfinished shard (or a .partial file) of an interrupted run
+    return state
+
+
+def _lock(out: Path, rank: int):
+    f = open(out / STATE_DIR / f"rank-{rank:03d}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BuildError(f"{out}: another build is writing into this cache (rank {rank} is locked)") from None
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass.
+
+
+def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int, world: int, skip_rows: int):
+    """(global row indices, rows) per batch of this rank, after the first ``skip_rows`` of its rows."""
+    mine, seen = [], 0
+    for i, row in enumerate(iter_rows(options.data, tokenizer, counts)):
+        if i % world != rank:
+            continue
+        seen += 1
+        if seen <= skip_rows:
+            continue
+        mine.append((i, row))
+        if len(mine) == options.batch_size:
+            yield mine
+            mine = []
+    if mine:
+        yield mine
+
+
+@torch.no_grad()
+def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, device) -> RowBatch:
+    lengths = [len(r.input_ids) for _, r in batch]
+    T = max(lengths)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.bool)
+    attn = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, (_, row) in enumerate(batch):
+        n = len(row.input_ids)
+        ids[b, :n] = torch.from_numpy(row.input_ids.astype(np.int64))
+        mask[b, :n] = torch.from_numpy(row.target_mask)
+        attn[b, :n] = 1
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                output_hidden_states=bool(options.hidden_layers))
+    t = compute_targets(out.logits, ids.to(device), mask.to(device), options.targets, vocab_size,
+                        row_indices=[i for i, _ in batch])
+    rb = RowBatch(row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                  input_ids=np.concatenate([r.input_ids for _, r in batch]),
+                  target_mask=np.concatenate([r.target_mask for _, r in batch]),
+                  target_offsets=t.target_offsets, target_ids=t.target_ids, target_logprobs=t.target_logprobs,
+                  target_counts=t.target_counts, label_logprob=t.label_logprob, rest_mass=t.rest_mass,
+                  entropy=t.entropy)
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    for layer in options.hidden_layers:
+        rb.hidden[layer] = out.hidden_states[layer][rows.to(device), cols.to(device)].float().cpu().numpy()
+    return rb
+
+
+class _Writer(threading.Thread):
+    """Encodes and writes batches from a bounded queue; records resume state after each shard."""
+
+    def __init__(self, writer: CacheWriter, state_path: Path, rows_done: int, max_batches: int):
+        super().__init__(daemon=True, name="teachercache-writer")
+        self.writer, self.state_path, self.rows_done = writer, state_path, rows_done
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            while (item := self.queue.get()) is not None:
+                rows_done, batch = item
+                n_shards = len(self.writer.shards)
+                self.writer.write(batch)
+                self.rows_done = rows_done
+                if len(self.writer.shards) > n_shards:
+                    self._save()
+            if self.writer.close_shard() is not None:
+                self._save()
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            self.writer.abort()
+            while self.queue.get() is not None:  # let the producer finish
+                pass
+
+    def put(self, rows_done: int, batch: RowBatch):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rows_done, batch))
+
+    def _save(self):
+        """The shards closed so far and the rows they cover, atomically."""
+        write_json_atomic(self.state_path, {"shards": [asdict(s) for s in self.writer.shards],
+                                            "rows_done": self.rows_done})
+
+
+def build_cache(options: BuildOptions) -> BuildResult:
+    """Run the teacher over the data and write a complete cache (see the module docstring)."""
+    start = time.time()
+    rank, world = _rank_world()
+    if rank == 0:
+        _refuse_out_dir(options)
+    device, dtype = _device_and_dtype(options)
+    tokenizer, model = load_teacher(options, device, dtype)
+    vocab_size = len(tokenizer)
+    _check_model(options, model, vocab_size)
+    out = Path(options.out)
+    state = _prepare_dir(options, rank)
+    lock = _lock(out, rank)
+    try:
+        if rank == 0:
+            tokenizer.save_pretrained(out / TOKENIZER_DIR)
+        layout = S.Layout(vocab_size=vocab_size, sampled=options.targets.kind == "sample",
+                          hidden_layers=tuple(options.hidden_layers),
+                          hidden_width=model.config.hidden_size if options.hidden_layers else 0,
+                          hidden_dtype=options.hidden_dtype)
+        done = [ShardInfo(**s) for s in state.get("shards", [])]
+        writer = CacheWriter(out, layout, rank=rank, shard_bytes=options.shard_bytes, first_index=len(done),
+                             zstd_level=options.zstd_level)
+        writer.shards = list(done)
+        rows_done = state.get("rows_done", 0)
+        thread = _Writer(writer, out / STATE_DIR / f"rank-{rank:03d}.json", rows_done, options.queue_batches)
+        thread.start()
+        counts = DocumentCounts()
+        tokens = 0
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        bar = _progress(options, rows_done)
+        try:
+            for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
+                rb = _forward(model, batch, options, vocab_size, pad, device)
+                rows_done += len(batch)
+                tokens += rb.num_tokens
+                thread.put(rows_done, rb)
+                if bar is not None:
+                    bar.update(len(batch))
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - start, 1e-9):.0f}")
+        finally:
+            thread.queue.put(None)
+            thread.join()
+            if bar is not None:
+                bar.close()
+        if thread.error is not None:
+            raise thread.error
+        if world > 1:
+            torch.distributed.barrier()
+        manifest_path = out / MANIFEST_NAME
+        if rank == 0:
+            shards = []
+            for r in range(world):
+                rs = json.loads((out / STATE_DIR / f"rank-{r:03d}.json").read_text())
+                shards += [ShardInfo(**s) for s in rs.get("shards", [])]
+            manifest = writer.finish(
+                targets=options.targets,
+                teacher=TeacherInfo(name_or_path=options.teacher, config_sha256=config_fingerprint(model.config),
+                                    dtype=str(dtype).replace("torch.", ""),
+                                    output_size=model.get_output_embeddings().weight.shape[0]),
+                tokenizer=TokenizerInfo(fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size),
+                data=DataInfo(sources=list(options.data.paths), fingerprint=data_fingerprint(options.data),
+                              seq_len=options.data.seq_len, packing=options.data.packing,
+                              documents_read=counts.read, documents_used=counts.used,
+                              documents_skipped=dict(counts.skipped)),
+                extra={"world_size": world, "batch_size": options.batch_size, "device": str(device),
+                       "zstd_level": options.zstd_level}, all_shards=shards)
+            totals = manifest.totals
+        if world > 1:
+            torch.distributed.barrier()
+    finally:
+        lock.close()
+    seconds = time.time() - start
+    if rank == 0:
+        return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds)
+    return BuildResult(manifest_path, 0, 0, 0, seconds)
+
+
+def _progress(options: BuildOptions, initial: int):
+    if not options.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="teacher pass", unit="row", initial=initial, dynamic_ncols=True)
