@@ -96,9 +96,15 @@ class BuildResult:
     seconds: float
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+def _rank_world(options: BuildOptions) -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group is started here, with NCCL
+    on GPUs and gloo on CPU."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        use_cuda = options.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
@@ -107,8 +113,8 @@ def _device_and_dtype(options: BuildOptions) -> tuple[torch.device, torch.dtype]
         raise BuildError(f"--device {options.device!r}: choose auto, cuda or cpu")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise BuildError("--device cuda: no CUDA device is available (use --device cpu)")
-    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
-                          options.device if options.device != "auto" else "cpu")
+    use_cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if options.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     if options.dtype not in DTYPES:
@@ -288,7 +294,7 @@ class _Writer(threading.Thread):
 def build_cache(options: BuildOptions) -> BuildResult:
     """Run the teacher over the data and write a complete cache (see the module docstring)."""
     start = time.time()
-    rank, world = _rank_world()
+    rank, world = _rank_world(options)
     if rank == 0:
         _refuse_out_dir(options)
     device, dtype = _device_and_dtype(options)
@@ -296,7 +302,12 @@ def build_cache(options: BuildOptions) -> BuildResult:
     vocab_size = len(tokenizer)
     _check_model(options, model, vocab_size)
     out = Path(options.out)
-    state = _prepare_dir(options, rank)
+    if rank == 0:
+        state = _prepare_dir(options, rank)  # rank 0 clears the directory first on --overwrite
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        state = _prepare_dir(options, rank)
     lock = _lock(out, rank)
     try:
         if rank == 0:

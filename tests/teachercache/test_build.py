@@ -147,3 +147,29 @@ def test_killed_build_resumes_to_the_same_cache(teacher, tmp_path):
     assert [(s.file, s.sha256) for s in whole.shards] == [(s.file, s.sha256) for s in cut.shards]
     assert whole.totals == cut.totals and whole.data == cut.data
     assert verify_cache(tmp_path / "cut") == []
+
+
+def _rows_of(path):
+    """{row tokens: per-position (ids, counts)} of a cache, order-free."""
+    out = {}
+    for b in Cache.open(path).iter_batches():
+        for r in range(b.num_rows):
+            ps = range(b.row_positions[r], b.row_positions[r + 1])
+            out[tuple(b.input_ids[b.row_offsets[r]:b.row_offsets[r + 1]].tolist())] = [
+                (b.target_ids[b.target_offsets[p]:b.target_offsets[p + 1]].tolist(),
+                 b.target_counts[b.target_offsets[p]:b.target_offsets[p + 1]].tolist()) for p in ps]
+    return out
+
+
+def test_torchrun_two_ranks_equal_one_process(teacher, tmp_path):
+    flags = ["--teacher", str(teacher), "--data", str(CORPUS), "--seq-len", "48", "--batch-size", "2",
+             "--max-docs", "2", "--target", "sample", "--samples", "16", "--seed", "7", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "teachercache", "build", "--out", str(tmp_path / "one"), *flags],
+                   check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "teachercache",
+                    "build", "--out", str(tmp_path / "two"), *flags], check=True)
+    two = Cache.open(tmp_path / "two").manifest
+    assert {s.file.split("-")[1] for s in two.shards} == {"r000", "r001"}  # each rank wrote its own shards
+    assert verify_cache(tmp_path / "two") == []
+    assert _rows_of(tmp_path / "one") == _rows_of(tmp_path / "two")
+    assert two.data == Cache.open(tmp_path / "one").manifest.data
