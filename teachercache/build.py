@@ -94,6 +94,9 @@ class BuildResult:
     tokens: int
     bytes: int
     seconds: float
+    """Wall time of the whole build."""
+    load_seconds: float = 0.0
+    """Of which: loading the teacher and tokenizer."""
 
 
 def _rank_world(options: BuildOptions) -> tuple[int, int]:
@@ -299,6 +302,7 @@ def build_cache(options: BuildOptions) -> BuildResult:
         _refuse_out_dir(options)
     device, dtype = _device_and_dtype(options)
     tokenizer, model = load_teacher(options, device, dtype)
+    load_seconds = time.time() - start
     vocab_size = len(tokenizer)
     _check_model(options, model, vocab_size)
     out = Path(options.out)
@@ -324,7 +328,7 @@ def build_cache(options: BuildOptions) -> BuildResult:
         thread = _Writer(writer, out / STATE_DIR / f"rank-{rank:03d}.json", rows_done, options.queue_batches)
         thread.start()
         counts = DocumentCounts()
-        tokens = 0
+        tokens, pass_start = 0, time.time()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         bar = _progress(options, rows_done)
         try:
@@ -335,7 +339,7 @@ def build_cache(options: BuildOptions) -> BuildResult:
                 thread.put(rows_done, rb)
                 if bar is not None:
                     bar.update(len(batch))
-                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - start, 1e-9):.0f}")
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
         finally:
             thread.queue.put(None)
             thread.join()
@@ -343,6 +347,9 @@ def build_cache(options: BuildOptions) -> BuildResult:
                 bar.close()
         if thread.error is not None:
             raise thread.error
+        if rows_done == 0 and world == 1:
+            raise BuildError(f"{', '.join(options.data.paths)}: the corpus gave no rows ({counts.read} documents "
+                             f"read, skipped: {dict(counts.skipped) or 'none'}); nothing was written")
         if world > 1:
             torch.distributed.barrier()
         manifest_path = out / MANIFEST_NAME
@@ -370,8 +377,8 @@ def build_cache(options: BuildOptions) -> BuildResult:
         lock.close()
     seconds = time.time() - start
     if rank == 0:
-        return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds)
-    return BuildResult(manifest_path, 0, 0, 0, seconds)
+        return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds, load_seconds)
+    return BuildResult(manifest_path, 0, 0, 0, seconds, load_seconds)
 
 
 def _progress(options: BuildOptions, initial: int):

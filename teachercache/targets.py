@@ -79,6 +79,8 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
     logits: (B, T, V_out) teacher logits, any float dtype, V_out >= vocab_size;
     input_ids: (B, T) the rows; target_mask: (B, T) bool, position t predicts input_ids[t+1] (the last
     position of a row must be masked out); row_indices: the rows' global indices (seeds of sampling).
+    Works on views of the logits, a chunk of one row's positions at a time; nothing of size (positions x
+    vocabulary) is copied but the probabilities of one chunk.
     """
     check_spec(spec, vocab_size)
     B, T, V_out = logits.shape
@@ -86,56 +88,55 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
         raise ValueError(f"the teacher has {V_out} output columns but the tokenizer {vocab_size} tokens")
     if target_mask[:, -1].any():
         raise ValueError("target_mask: the last position of a row has no next token to predict")
-    rows, cols = torch.nonzero(target_mask, as_tuple=True)  # (P,), row-major = the cache's order
-    labels = input_ids[rows, cols + 1]
     if row_indices is None:
         row_indices = list(range(B))
-    uniforms = _uniforms(rows, cols, T, spec, row_indices, logits.device) if spec.kind == "sample" else None
     parts = []
-    for start in range(0, len(rows), chunk_positions):
-        chunk = slice(start, start + chunk_positions)
-        lp = torch.log_softmax(logits[rows[chunk], cols[chunk], :vocab_size].float() / spec.temperature,
-                               dim=-1)  # (n, V)
-        parts.append(_chunk_targets(lp, labels[chunk], spec, None if uniforms is None else uniforms[chunk]))
+    for b in range(B):
+        for start in range(0, T - 1, chunk_positions):
+            stop = min(start + chunk_positions, T - 1)
+            keep = target_mask[b, start:stop]
+            if not keep.any():
+                continue
+            x = logits[b, start:stop, :vocab_size].float()  # (n, V): a view for float32 logits
+            if spec.temperature != 1.0:
+                x = x / spec.temperature
+            labels = input_ids[b, start + 1:stop + 1]
+            u = None
+            if spec.kind == "sample":
+                g = row_generator(spec.seed, row_indices[b], logits.device)
+                u = torch.rand((T, spec.samples), generator=g, device=logits.device)[start:stop][keep]
+            parts.append(_chunk_targets(x, labels, keep, spec, u))
     return _concat(parts, spec)
 
 
-def _uniforms(rows, cols, T: int, spec: TargetSpec, row_indices: list[int], device) -> torch.Tensor:
-    """(P, N) uniforms of the draws: row r's generator yields a (T, N) block, one line per position, so a
-    position's draws depend on (seed, global row index, position) only: not on batching, chunking or
-    which other positions are masked."""
-    u = torch.empty((len(rows), spec.samples), device=device)
-    for row in torch.unique(rows).tolist():
-        sel = rows == row
-        block = torch.rand((T, spec.samples), generator=row_generator(spec.seed, row_indices[row], device),
-                           device=device)
-        u[sel] = block[cols[sel]]
-    return u
-
-
-def _chunk_targets(lp: torch.Tensor, labels: torch.Tensor, spec: TargetSpec, u: torch.Tensor | None) -> dict:
-    """Targets of one chunk of positions, lp (n, V) float32 log-probs; u (n, N) uniforms if sampling."""
-    label_lp = lp.gather(1, labels[:, None])[:, 0]
-    p = lp.exp()
-    entropy = -(p * lp).sum(1)
+def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, spec: TargetSpec,
+                   u: torch.Tensor | None) -> dict:
+    """Targets of the kept positions of one chunk; x (n, V) float32 logits at the cache temperature."""
+    lse = torch.logsumexp(x, dim=1, keepdim=True)  # (n, 1)
+    if not bool(keep.all()):  # only the kept positions from here on
+        x, lse, labels = x[keep], lse[keep], labels[keep]
+    label_lp = x.gather(1, labels[:, None])[:, 0] - lse[:, 0]
+    p = torch.exp(x - lse)
+    entropy = lse[:, 0] - (p * x).sum(1)
     if spec.kind == "sample":
         ids, counts = _sample(p, u)
         sizes = (counts > 0).sum(1)
-        keep = counts > 0
-        stored_lp = lp.gather(1, ids)
-        rest = 1.0 - torch.where(keep, stored_lp.exp(), 0.0).sum(1)
-        return dict(sizes=sizes, ids=ids[keep], lps=stored_lp[keep], counts=counts[keep], label=label_lp,
+        stored = counts > 0
+        stored_lp = x.gather(1, ids) - lse
+        rest = 1.0 - torch.where(stored, stored_lp.exp(), 0.0).sum(1)
+        return dict(sizes=sizes, ids=ids[stored], lps=stored_lp[stored], counts=counts[stored], label=label_lp,
                     rest=rest, entropy=entropy)
     max_k = spec.k if spec.kind == "topk" else spec.max_k
-    top_lp, top_ids = lp.topk(max_k, dim=1)  # (n, max_k), sorted
+    top_x, top_ids = x.topk(max_k, dim=1)  # (n, max_k), sorted
+    top_lp = top_x - lse
     if spec.kind == "topk":
-        sizes = torch.full((len(lp),), max_k, dtype=torch.long, device=lp.device)
+        sizes = torch.full((len(x),), max_k, dtype=torch.long, device=x.device)
     else:  # nucleus: the smallest n with cumulative mass >= top_p, clamped
         mass = top_lp.exp().cumsum(1)
         sizes = ((mass < spec.top_p).sum(1) + 1).clamp(spec.min_k, spec.max_k)
-    keep = torch.arange(max_k, device=lp.device)[None, :] < sizes[:, None]
-    rest = 1.0 - torch.where(keep, top_lp.exp(), 0.0).sum(1)
-    return dict(sizes=sizes, ids=top_ids[keep], lps=top_lp[keep], counts=None, label=label_lp, rest=rest,
+    stored = torch.arange(max_k, device=x.device)[None, :] < sizes[:, None]
+    rest = 1.0 - torch.where(stored, top_lp.exp(), 0.0).sum(1)
+    return dict(sizes=sizes, ids=top_ids[stored], lps=top_lp[stored], counts=None, label=label_lp, rest=rest,
                 entropy=entropy)
 
 

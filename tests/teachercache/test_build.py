@@ -110,6 +110,11 @@ def test_refusals(teacher, tmp_path):
         build_cache(_options(teacher, tmp_path / "d", seq_len=256))
     with pytest.raises(BuildError, match="--hidden-layers 3"):
         build_cache(_options(teacher, tmp_path / "d", hidden_layers=(3,)))
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"body": "x"}\n')
+    with pytest.raises(BuildError, match=r"no rows \(2 documents read, skipped: \{'empty': 1, 'missing field': 1\}\)"):
+        build_cache(BuildOptions(teacher=str(teacher), out=str(tmp_path / "f"), progress=False,
+                                 data=DataOptions(paths=(str(tmp_path / "empty.jsonl"),), seq_len=48)))
+    assert not (tmp_path / "f" / "manifest.json").exists()
     with pytest.raises(BuildError, match="no such directory"):
         build_cache(_options(tmp_path / "missing", tmp_path / "d"))
     (tmp_path / "e" / "state").mkdir(parents=True)
