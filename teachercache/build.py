@@ -241,7 +241,8 @@ def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, 
         ids[b, :n] = torch.from_numpy(row.input_ids.astype(np.int64))
         mask[b, :n] = torch.from_numpy(row.target_mask)
         attn[b, :n] = 1
-    out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+    padded = min(lengths) < T  # a mask only where there is padding: without one, attention stays causal-only
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device) if padded else None,
                 output_hidden_states=bool(options.hidden_layers))
     t = compute_targets(out.logits, ids.to(device), mask.to(device), options.targets, vocab_size,
                         row_indices=[i for i, _ in batch])

@@ -112,12 +112,19 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
 def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, spec: TargetSpec,
                    u: torch.Tensor | None) -> dict:
     """Targets of the kept positions of one chunk; x (n, V) float32 logits at the cache temperature."""
-    lse = torch.logsumexp(x, dim=1, keepdim=True)  # (n, 1)
     if not bool(keep.all()):  # only the kept positions from here on
-        x, lse, labels = x[keep], lse[keep], labels[keep]
+        x, labels = x[keep], labels[keep]
+    p = torch.softmax(x, dim=1)  # (n, V), one fused pass
+    if spec.kind == "sample":
+        top_x, top_ids = x.max(dim=1, keepdim=True)
+    else:
+        max_k = spec.k if spec.kind == "topk" else spec.max_k
+        top_x, top_ids = x.topk(max_k, dim=1)  # (n, max_k), sorted
+    # log-sum-exp from the most likely column: lse = x_j - log p_j, exact to float32 rounding for the
+    # largest p_j (>= 1/V); cheaper than a separate logsumexp pass
+    lse = top_x[:, :1] - torch.log(p.gather(1, top_ids[:, :1]))  # (n, 1)
     label_lp = x.gather(1, labels[:, None])[:, 0] - lse[:, 0]
-    p = torch.exp(x - lse)
-    entropy = lse[:, 0] - (p * x).sum(1)
+    entropy = lse[:, 0] - torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]  # H = lse - sum p x
     if spec.kind == "sample":
         ids, counts = _sample(p, u)
         sizes = (counts > 0).sum(1)
@@ -126,8 +133,6 @@ def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sp
         rest = 1.0 - torch.where(stored, stored_lp.exp(), 0.0).sum(1)
         return dict(sizes=sizes, ids=ids[stored], lps=stored_lp[stored], counts=counts[stored], label=label_lp,
                     rest=rest, entropy=entropy)
-    max_k = spec.k if spec.kind == "topk" else spec.max_k
-    top_x, top_ids = x.topk(max_k, dim=1)  # (n, max_k), sorted
     top_lp = top_x - lse
     if spec.kind == "topk":
         sizes = torch.full((len(x),), max_k, dtype=torch.long, device=x.device)
