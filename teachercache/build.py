@@ -35,7 +35,7 @@ import torch
 from . import schema as S
 from .batch import RowBatch
 from .cache import DEFAULT_SHARD_BYTES, CacheWriter
-from .data import DataOptions, DocumentCounts, data_fingerprint, iter_rows
+from .data import DataOptions, DocumentCounts, count_documents, data_fingerprint, iter_rows
 from .errors import TeachercacheError
 from .manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR, DataInfo, TargetSpec, TeacherInfo,
                        TokenizerInfo, config_fingerprint, tokenizer_fingerprint, write_json_atomic)
@@ -331,7 +331,7 @@ def build_cache(options: BuildOptions) -> BuildResult:
         counts = DocumentCounts()
         tokens, pass_start = 0, time.time()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        bar = _progress(options, rows_done)
+        bar = _progress(options, rank)
         try:
             for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
                 rb = _forward(model, batch, options, vocab_size, pad, device)
@@ -339,8 +339,8 @@ def build_cache(options: BuildOptions) -> BuildResult:
                 tokens += rb.num_tokens
                 thread.put(rows_done, rb)
                 if bar is not None:
-                    bar.update(len(batch))
-                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
+                    bar.update(counts.read - bar.n)
+                    bar.set_postfix(rows=rows_done, tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
         finally:
             thread.queue.put(None)
             thread.join()
@@ -382,9 +382,11 @@ def build_cache(options: BuildOptions) -> BuildResult:
     return BuildResult(manifest_path, 0, 0, 0, seconds, load_seconds)
 
 
-def _progress(options: BuildOptions, initial: int):
-    if not options.progress:
+def _progress(options: BuildOptions, rank: int):
+    """A bar over the input documents (their count is cheap to know, so it has an ETA), with rows and
+    tokens/s beside it; rank 0 only."""
+    if not options.progress or rank != 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="teacher pass", unit="row", initial=initial, dynamic_ncols=True)
+    return tqdm(desc="teacher pass", unit="doc", total=count_documents(options.data), dynamic_ncols=True)

@@ -217,6 +217,28 @@ def _text(path: Path, options: DataOptions, counts: DocumentCounts):
         yield None
 
 
+def count_documents(options: DataOptions) -> int:
+    """How many documents the inputs hold (cheaply: parquet/arrow metadata, jsonl lines), for a progress
+    bar with an ETA; capped at max_docs."""
+    total = 0
+    for path in input_files(options.paths):
+        try:
+            if path.suffix == ".parquet":
+                total += pq.ParquetFile(path).metadata.num_rows
+            elif path.suffix in (".jsonl", ".json"):
+                with open(path, "rb") as f:
+                    total += sum(1 for line in f if line.strip())
+            elif path.suffix == ".arrow":
+                total += sum(1 for _ in _arrow(path, options, DocumentCounts()))
+            else:
+                total += 1
+        except (DataError, pa.ArrowException, OSError):
+            pass  # the pass itself reports the file properly
+        if options.max_docs is not None and total >= options.max_docs:
+            return options.max_docs
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenizing and packing.
 

@@ -127,3 +127,15 @@ def test_chat_without_a_template_is_refused(tmp_path, tok):
     f = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="no chat_template"):
         list(iter_rows(DataOptions(paths=(str(f),)), tok, DocumentCounts()))
+
+
+def test_count_documents_matches_what_the_pass_reads(tmp_path):
+    from teachercache.data import count_documents
+
+    f = _write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": ""}, b"{bad", {"text": "b"}])
+    pq.write_table(pa.table({"text": ["x", "y", "z"]}), tmp_path / "b.parquet")
+    opts = DataOptions(paths=(str(f), str(tmp_path / "b.parquet")))
+    counts = DocumentCounts()
+    list(iter_documents(opts, counts))
+    assert count_documents(opts) == counts.read == 7
+    assert count_documents(DataOptions(paths=opts.paths, max_docs=5)) == 5
