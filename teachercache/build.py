@@ -267,9 +267,16 @@ class _Writer(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.error: BaseException | None = None
 
+    ABORT = object()
+    """Put by the main thread when the pass failed: the open shard is dropped, not closed early, so that
+    a resumed build cuts its shards exactly where an uninterrupted one would."""
+
     def run(self):
         try:
             while (item := self.queue.get()) is not None:
+                if item is self.ABORT:
+                    self.writer.abort()
+                    return
                 rows_done, batch = item
                 n_shards = len(self.writer.shards)
                 self.writer.write(batch)
@@ -281,7 +288,7 @@ class _Writer(threading.Thread):
         except BaseException as e:  # handed to the main thread
             self.error = e
             self.writer.abort()
-            while self.queue.get() is not None:  # let the producer finish
+            while self.queue.get() not in (None, self.ABORT):  # let the producer finish
                 pass
 
     def put(self, rows_done: int, batch: RowBatch):
@@ -332,6 +339,7 @@ def build_cache(options: BuildOptions) -> BuildResult:
         tokens, pass_start = 0, time.time()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         bar = _progress(options, rank)
+        finished = False
         try:
             for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
                 rb = _forward(model, batch, options, vocab_size, pad, device)
@@ -341,8 +349,9 @@ def build_cache(options: BuildOptions) -> BuildResult:
                 if bar is not None:
                     bar.update(counts.read - bar.n)
                     bar.set_postfix(rows=rows_done, tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
+            finished = True
         finally:
-            thread.queue.put(None)
+            thread.queue.put(None if finished else _Writer.ABORT)
             thread.join()
             if bar is not None:
                 bar.close()

@@ -178,3 +178,26 @@ def test_torchrun_two_ranks_equal_one_process(teacher, tmp_path):
     assert verify_cache(tmp_path / "two") == []
     assert _rows_of(tmp_path / "one") == _rows_of(tmp_path / "two")
     assert two.data == Cache.open(tmp_path / "one").manifest.data
+
+
+def test_a_pass_that_fails_resumes_to_the_same_cache(teacher, tmp_path, monkeypatch):
+    import teachercache.build as build_module
+
+    opts = dict(batch_size=2, shard_bytes=25_000, max_docs=3)  # shards of two to three batches
+    build_cache(_options(teacher, tmp_path / "whole", **opts))
+    real, calls = build_module._forward, {"n": 0}
+
+    def fails_at_the_sixth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_forward", fails_at_the_sixth_batch)
+    with pytest.raises(RuntimeError, match="device lost"):
+        build_cache(_options(teacher, tmp_path / "cut", **opts))
+    monkeypatch.undo()
+    assert not list((tmp_path / "cut" / "shards").glob("*.partial-*"))  # the open shard was dropped
+    build_cache(_options(teacher, tmp_path / "cut", resume=True, **opts))
+    whole, cut = Cache.open(tmp_path / "whole").manifest, Cache.open(tmp_path / "cut").manifest
+    assert [(s.file, s.sha256) for s in whole.shards] == [(s.file, s.sha256) for s in cut.shards]
