@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -284,9 +283,7 @@ def main():
     rows = load_rows(args.teacher, args.data, args.seq_len, args.rows)
     tops = teacher_tops(args.teacher, rows, max_k=128)
     positions = len(tops["label"])
-    tokens = rows.numel()
     V = tops["vocab_size"]
-    layout = S.Layout(vocab_size=V)
     print(f"teacher {args.teacher}  V={V}  rows={len(rows)}x{args.seq_len}  target positions={positions}")
     print(f"teacher entropy mean {tops['entropy'].mean():.3f} nats; top-1 p mean "
           f"{np.exp(tops['lps'][:, 0]).mean():.3f}; mass outside top-64 mean "

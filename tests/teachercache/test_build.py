@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from teachercache import schema as S
 from teachercache.build import BuildError, BuildOptions, build_cache
 from teachercache.cache import Cache
 from teachercache.data import DataOptions, DocumentCounts, iter_rows

@@ -3,7 +3,6 @@ columns only, and damaged files refused with the project's own error."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
