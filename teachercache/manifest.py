@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from . import schema as S
 from .errors import CacheFormatError, CacheIncompleteError, CachePathError, CacheVersionError
-from .shards import ShardInfo, fsync_dir
+from .shards import ShardInfo, commit_file
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -146,10 +146,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    commit_file(tmp, path)
 
 
 def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> Path:

@@ -54,12 +54,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
+def _fsync(path: str | os.PathLike) -> None:
+    """fsync a file or a directory by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit_file(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make a fully written temporary file the real one: fsync it, rename it over ``final``, fsync the
+    directory. Every file of a cache is published this way."""
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(Path(final).parent)
 
 
 class ShardWriter:
@@ -112,13 +121,7 @@ class ShardWriter:
         if exc_type is not None:
             self.tmp_path.unlink(missing_ok=True)
             return
-        fd = os.open(self.tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(self.path.parent)
+        commit_file(self.tmp_path, self.path)
         self.info = ShardInfo(file=self.path.relative_to(self.relative_to).as_posix(),
                               bytes=self.path.stat().st_size, sha256=file_sha256(self.path), **self._counts)
 
