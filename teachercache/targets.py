@@ -92,6 +92,10 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
         row_indices = list(range(B))
     parts = []
     for b in range(B):
+        u_row = None  # the row's (T, N) uniforms, drawn once however many chunks the row has
+        if spec.kind == "sample" and target_mask[b].any():
+            u_row = torch.rand((T, spec.samples), generator=row_generator(spec.seed, row_indices[b], logits.device),
+                               device=logits.device)
         for start in range(0, T - 1, chunk_positions):
             stop = min(start + chunk_positions, T - 1)
             keep = target_mask[b, start:stop]
@@ -101,10 +105,7 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
             if spec.temperature != 1.0:
                 x = x / spec.temperature
             labels = input_ids[b, start + 1:stop + 1]
-            u = None
-            if spec.kind == "sample":
-                g = row_generator(spec.seed, row_indices[b], logits.device)
-                u = torch.rand((T, spec.samples), generator=g, device=logits.device)[start:stop][keep]
+            u = None if u_row is None else u_row[start:stop][keep]
             parts.append(_chunk_targets(x, labels, keep, spec, u))
     return _concat(parts, spec)
 
@@ -127,8 +128,8 @@ def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sp
     entropy = lse[:, 0] - torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]  # H = lse - sum p x
     if spec.kind == "sample":
         ids, counts = _sample(p, u)
-        sizes = (counts > 0).sum(1)
         stored = counts > 0
+        sizes = stored.sum(1)
         stored_lp = x.gather(1, ids) - lse
         rest = 1.0 - torch.where(stored, stored_lp.exp(), 0.0).sum(1)
         return dict(sizes=sizes, ids=ids[stored], lps=stored_lp[stored], counts=counts[stored], label=label_lp,
