@@ -206,6 +206,7 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                 alpha, ce_w, kd_w, grad, ce_out, kd_out):
     n, vocab = z.shape
     inv_t = 1.0 / temperature
+    inv_t_row = z.dtype.type(inv_t)   # the exponentials in the logits' precision (expf for float32)
     tempered = temperature != 1.0
     for i in numba.prange(n):
         g = grad[i]
@@ -225,7 +226,7 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
         sum_t = 0.0
         sum_1 = 0.0
         for v in range(vocab):
-            e = math.exp((row[v] - m) * inv_t)
+            e = math.exp((row[v] - m) * inv_t_row)
             g[v] = e
             sum_t += e
             if tempered and label >= 0:
@@ -469,7 +470,9 @@ class _SparseKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_total).to(ctx.logits_dtype), None, None, None, None, None, None, None, None
+        if grad_total.item() != 1.0:
+            grad = grad * grad_total
+        return grad.to(ctx.logits_dtype), None, None, None, None, None, None, None, None
 
 
 def default_weights(n: int, device) -> torch.Tensor:
@@ -547,7 +550,9 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         grad_h, grad_w = ctx.saved_tensors
-        return ((grad_h * grad_total).to(ctx.dtypes[0]), (grad_w * grad_total).to(ctx.dtypes[1]),
+        if grad_total.item() != 1.0:
+            grad_h, grad_w = grad_h * grad_total, grad_w * grad_total
+        return (grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]),
                 None, None, None, None, None, None, None, None, None, None)
 
 
