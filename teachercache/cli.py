@@ -70,7 +70,12 @@ def _layers(ctx, param, value):
 def build_command(teacher, data, out, seq_len, packing, batch_size, dtype, device, kind, k, top_p, min_k,
                   max_k, samples, seed, temperature, hidden_layers, hidden_dtype, text_field, max_docs,
                   shard_mb, zstd_level, resume, overwrite, trust_remote_code, no_progress):
-    """Run the teacher once over --data and write the cache to --out."""
+    """Run the teacher once over --data and write the cache to --out.
+
+    \b
+    Example:
+      teachercache build --teacher data/teacher --data data/corpus/valid.parquet --out /tmp/demo-cache --seq-len 256
+    """
     from .build import BuildOptions, build_cache
     from .data import DataOptions
     from .manifest import TargetSpec
@@ -98,7 +103,14 @@ def build_command(teacher, data, out, seq_len, packing, batch_size, dtype, devic
 @click.option("--sample-batches", default=4, show_default=True,
               help="Record batches per shard re-compressed to split bytes by column.")
 def inspect_command(cache, as_json, sample_batches):
-    """Show what is in CACHE: totals, bytes per token by column, targets, fingerprints."""
+    """Show what is in CACHE: totals, bytes per token by column, targets, fingerprints, and the
+    distributions that matter for distillation (captured mass, entropy, ids per position, rank of the
+    actual next token), per shard too.
+
+    \b
+    Example:
+      teachercache inspect /tmp/demo-cache --json > report.json
+    """
     from .inspect import format_report, inspect_cache
 
     report = inspect_cache(cache, sample_batches=sample_batches)
@@ -107,13 +119,124 @@ def inspect_command(cache, as_json, sample_batches):
 
 @main.command("verify")
 @click.argument("cache", type=click.Path(file_okay=False))
-def verify_command(cache):
-    """Check CACHE: manifest, version, checksums, schemas, counts. Exits 1 on any fault."""
+@click.option("--deep", is_flag=True, help="Also decode every row and check its values (ids, masses, counts).")
+def verify_command(cache, deep):
+    """Check CACHE: manifest, version, checksums, schemas, counts; with --deep every row's values too,
+    each fault named by shard, row and position. Exits 1 on any fault.
+
+    \b
+    Example:
+      teachercache verify /tmp/demo-cache --deep
+    """
     from .verify import verify_cache
 
-    faults = verify_cache(cache)
+    faults = verify_cache(cache, deep=deep)
     for fault in faults:
         click.echo(f"FAULT {fault}", err=True)
     if faults:
         raise SystemExit(1)
     click.echo(f"{cache}: OK")
+
+
+@main.command("show")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--row", type=int, required=True, help="Row number in the cache (0-based).")
+@click.option("--positions", default=None, help="Token range a:b of the row to list (default: all).")
+@click.option("--top", default=5, show_default=True, help="Teacher alternatives per position.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML page to this file.")
+def show_command(cache, row, positions, top, html_file):
+    """Print a row of CACHE as text, and per position the actual next token with the teacher's top
+    stored alternatives and their probabilities (exp of the cache's log-probs).
+
+    \b
+    Example:
+      teachercache show /tmp/demo-cache --row 3 --positions 0:20 --top 5 --html row3.html
+    """
+    import sys
+
+    from .show import format_html, format_text, parse_positions, show_row
+
+    view = show_row(cache, row, parse_positions(positions), top)
+    click.echo(format_text(view, colour=sys.stdout.isatty()))
+    if html_file:
+        with open(html_file, "w", encoding="utf-8") as f:
+            f.write(format_html(view))
+
+
+@main.command("plot")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the PNG files.")
+def plot_command(cache, out):
+    """Draw the distributions of `inspect` (captured mass, entropy, ids per position, rank of the next
+    token, shards) as PNG figures in --out.
+
+    \b
+    Example:
+      teachercache plot /tmp/demo-cache --out /tmp/demo-plots
+    """
+    from .plot import plot_cache
+
+    for path in plot_cache(cache, out):
+        click.echo(str(path))
+
+
+@main.command("diff")
+@click.argument("cache_a", type=click.Path(file_okay=False))
+@click.argument("cache_b", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--worst", default=10, show_default=True, help="Rows to list, largest mean KL first.")
+def diff_command(cache_a, cache_b, as_json, worst):
+    """KL(A||B) per position between two caches of the same rows: mean, p50, p99, max and the worst rows.
+
+    \b
+    Example:
+      teachercache diff /tmp/cache-k64 /tmp/cache-k8 --json
+    """
+    from .diff import DiffOptions, diff_caches, format_diff
+
+    report = diff_caches(cache_a, cache_b, DiffOptions(worst=worst))
+    click.echo(json.dumps(report, indent=2) if as_json else format_diff(report))
+
+
+@main.command("export")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["axolotl", "hf"]), default="axolotl", show_default=True,
+              help="axolotl: one parquet file of Axolotl KD columns; hf: a datasets save_to_disk directory.")
+@click.option("--out", required=True, type=click.Path(), help="Output file (axolotl) or directory (hf).")
+@click.option("--no-renormalize", is_flag=True, help="axolotl: keep full-vocabulary log-probs.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export_command(cache, fmt, out, no_renormalize, overwrite):
+    """Write CACHE as a dataset other trainers read (Axolotl's KD plugin, Hugging Face datasets).
+
+    \b
+    Example:
+      teachercache export /tmp/demo-cache --format axolotl --out /tmp/demo-kd.parquet
+    """
+    from .export import ExportOptions, export_cache
+
+    rows = export_cache(cache, out, ExportOptions(format=fmt, renormalize=not no_renormalize,
+                                                  overwrite=overwrite))
+    click.echo(f"{out}: {rows:,} rows")
+
+
+@main.command("import-vllm")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
+              help="Directory of the teacher's tokenizer (copied into the cache).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@click.option("--k", type=int, default=None, help="Ids per position (default: the fewest any position has).")
+@click.option("--teacher", default="vllm", show_default=True, help="Teacher name recorded in the manifest.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
+def import_vllm_command(file, tokenizer, out, k, teacher, overwrite):
+    """Build a cache from vLLM prompt_logprobs (JSONL, one record per prompt with prompt_token_ids and
+    prompt_logprobs).
+
+    \b
+    Example:
+      teachercache import-vllm logprobs.jsonl --tokenizer Qwen2.5-7B/ --out /tmp/vllm-cache --k 20
+    """
+    from .vllm import VllmImportOptions, import_vllm
+
+    manifest = import_vllm(file, tokenizer, out, VllmImportOptions(k=k, teacher=teacher, overwrite=overwrite))
+    click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.target_positions:,} target positions")

@@ -1,0 +1,26 @@
+"""Shared fixtures of the teachercache tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teachercache.build import BuildOptions, build_cache
+from teachercache.data import DataOptions
+from teachercache.manifest import TargetSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TEACHER = ROOT / "data" / "teacher"
+VALID = ROOT / "data" / "corpus" / "valid.parquet"
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A real cache: the bundled demo teacher over the first document of the held-out corpus, seq_len 64,
+    top-16 targets (a few seconds on CPU). Read it, never modify it: copy it first."""
+    out = tmp_path_factory.mktemp("demo") / "cache"
+    build_cache(BuildOptions(teacher=str(DEMO_TEACHER), out=str(out), batch_size=8, progress=False,
+                             targets=TargetSpec(kind="topk", k=16),
+                             data=DataOptions(paths=(str(VALID),), seq_len=64, max_docs=1)))
+    return out
