@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+
+from teachercache.cache import Cache
 
 from teachercache.build import BuildOptions, build_cache
 from teachercache.data import DataOptions
@@ -24,3 +27,18 @@ def demo_cache(tmp_path_factory) -> Path:
                              targets=TargetSpec(kind="topk", k=16),
                              data=DataOptions(paths=(str(VALID),), seq_len=64, max_docs=1)))
     return out
+
+
+@pytest.fixture(scope="session")
+def doc_rows():
+    """doc_rows(cache_dir) -> every row of the cache decoded by the decoder printed in docs/FORMAT.md
+    (pyarrow + numpy, no teachercache code): an independent reference for the inspection tools."""
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "FORMAT.md").read_text(), re.S)[-1]
+    namespace: dict = {}
+    exec(compile(code, "FORMAT.md", "exec"), namespace)
+
+    def rows(cache_dir) -> list[dict]:
+        cache = Cache.open(cache_dir)
+        return [row for i in range(len(cache.shards)) for row in namespace["decode_shard"](str(cache.shard_path(i)))]
+
+    return rows

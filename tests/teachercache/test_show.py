@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from teachercache.cache import Cache
 from teachercache.cli import main
 from teachercache.errors import TeachercacheError
 from teachercache.show import format_html, format_text, parse_positions, show_row
@@ -20,16 +19,7 @@ from teachercache.show import format_html, format_text, parse_positions, show_ro
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def doc_rows(cache_dir: Path) -> list[dict]:
-    """Every row of the cache, decoded by the decoder printed in docs/FORMAT.md (no teachercache code)."""
-    code = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "FORMAT.md").read_text(), re.S)[-1]
-    namespace: dict = {}
-    exec(compile(code, "FORMAT.md", "exec"), namespace)
-    cache = Cache.open(cache_dir)
-    return [row for i in range(len(cache.shards)) for row in namespace["decode_shard"](str(cache.shard_path(i)))]
-
-
-def test_show_prints_the_rows_text_and_the_caches_probabilities(demo_cache):
+def test_show_prints_the_rows_text_and_the_caches_probabilities(demo_cache, doc_rows):
     rows = doc_rows(demo_cache)
     n = 9  # in the second record batch (batches of 8 rows): read_row must find it there
     ref = rows[n]
