@@ -3,7 +3,9 @@
 The row's text decoded with the cache's own tokenizer (CACHE/tokenizer/), then per target position the
 actual next token and the teacher's top alternatives from the stored set with their probabilities, the
 mass outside the stored set and the entropy. Probabilities are exp() of the decoded cache log-probs,
-nothing recomputed, so what is shown is what a student trains on. Plain text (coloured when the output is
+nothing recomputed, so what is shown is what a student trains on. The actual next token's probability
+comes from the label_logprob column (1/1024-nat steps), so where that token is also in the stored list
+its two probabilities can differ in the third digit: the stored entry's quantiser step is coarser. Plain text (coloured when the output is
 a terminal: green where the actual next token is the teacher's top id, yellow where it is stored lower
 down, red where it is outside the stored set) or a self-contained HTML page.
 """
