@@ -156,14 +156,21 @@ def _default_rank_world() -> tuple[int, int]:
 
 
 class CacheDataset(IterableDataset):
-    """Rows of a cache, one dict of numpy arrays per item (see ``_row`` for the keys).
+    """Rows of a cache, one dict of numpy arrays per item (T tokens, P target positions, E entries):
+    ``input_ids`` (T,) int64; ``target_mask`` (T,) bool, True at t when the teacher's distribution of
+    token t+1 is stored (never at the last token); ``target_offsets`` (P+1,) int64 into this row's
+    entries; ``target_ids`` (E,) int64; ``target_logprobs`` (E,) float32; ``target_counts`` (E,) int64
+    draws, sampled caches only (absent otherwise); ``label_logprob`` and ``rest_mass`` (P,) float32;
+    ``hidden`` {layer: (P, H) float32}, only when ``hidden_layers`` asks for some; ``row_index`` the
+    row's global index g in file order.
 
     Arguments: ``path`` the cache directory; ``rank``/``world_size`` the DDP share (default: from
     torch.distributed when it is initialised, else 0 of 1); ``seed`` and ``shuffle`` the epoch order and
     ``shuffle_buffer`` the rows a consumer's buffer holds; ``hidden_layers`` the teacher layers whose
     hidden states to read (none: the hidden-state columns are never read); ``verify_checksums`` passed to
-    ``Cache.open``. Opening reads every record batch's row count (the small target_mask column only),
-    and checks every shard's checksum unless told not to.
+    ``Cache.open``. Opening reads every record batch's row count (the small target_mask column only,
+    some 30 us a record batch), and checks every shard's checksum unless told not to; worker processes
+    inherit both.
     """
 
     def __init__(self, path: str | os.PathLike, *, rank: int | None = None, world_size: int | None = None,
@@ -180,7 +187,7 @@ class CacheDataset(IterableDataset):
         self.cache = Cache.open(path, verify_checksums=verify_checksums)
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer)
         layout = self.cache.layout
-        self.hidden_layers = tuple(int(x) for x in hidden_layers)
+        self.hidden_layers = tuple(sorted({int(x) for x in hidden_layers}))
         missing = [x for x in self.hidden_layers if x not in layout.hidden_layers]
         if missing:
             stored = ", ".join(map(str, layout.hidden_layers)) or "none"
