@@ -240,3 +240,16 @@ def import_vllm_command(file, tokenizer, out, k, teacher, overwrite):
 
     manifest = import_vllm(file, tokenizer, out, VllmImportOptions(k=k, teacher=teacher, overwrite=overwrite))
     click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.target_positions:,} target positions")
+
+
+def _add_student_commands() -> None:
+    """`train` and `eval` come from the student package (which imports teachercache, never the reverse at
+    import time of the library modules)."""
+    from student.cli import demo_command, eval_command, train_command
+
+    main.add_command(train_command)
+    main.add_command(eval_command)
+    main.add_command(demo_command)
+
+
+_add_student_commands()

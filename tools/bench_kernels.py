@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 from teachercache.kernels import KDConfig, SparseTargets, fused_linear_sparse_kd, sparse_kd_loss

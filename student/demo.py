@@ -1,0 +1,149 @@
+"""The main job on the bundled default: cache the demo teacher, distil a student from the cache, compare.
+
+``teachercache demo --out runs/demo`` (what the README's quick start runs):
+
+1. build a top-64 cache from data/teacher over data/corpus/train.parquet (the teacher runs once);
+2. train a student (preset ``llama-small``) from the cache alone with forward KL + rest bucket, and its
+   CE-only twin (same architecture, seed, rows, steps and schedule) from the same rows' tokens;
+3. evaluate the teacher and both students on the held-out split data/corpus/valid.parquet with the same
+   code (``teachercache eval``): perplexity and ECE;
+4. print a table (perplexity, ECE, cache bytes/token, wall time), write it as ``results.json`` and
+   ``results.md``, and plot both students' held-out perplexity and training loss over the steps in
+   ``loss_curves.png``.
+
+Every artefact lands in --out: cache/, student-kd/, student-ce/, results.*, loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: str
+    teacher: str = str(DATA / "teacher")
+    train_data: str = str(DATA / "corpus" / "train.parquet")
+    valid_data: str = str(DATA / "corpus" / "valid.parquet")
+    student: str = "llama-small"
+    max_docs: int | None = 60
+    seq_len: int = 256
+    k: int = 64
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 3e-3
+    eval_every: int = 50
+    eval_rows: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def run_demo(options: DemoOptions, echo=print) -> dict:
+    """Steps 1-4 of the module docstring; returns the results table as a dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from teachercache.build import BuildOptions, build_cache
+    from teachercache.cache import Cache
+    from teachercache.data import DataOptions
+    from teachercache.manifest import TargetSpec
+
+    from .evaluate import evaluate_model
+    from .train import TrainOptions, train
+
+    out = Path(options.out)
+    for name in ("cache", "student-kd", "student-ce"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    echo(f"[1/4] teacher pass: {options.teacher} over {options.train_data} -> {out / 'cache'}")
+    t0 = time.perf_counter()
+    build_cache(BuildOptions(
+        teacher=options.teacher, out=str(out / "cache"), progress=options.progress, batch_size=8,
+        data=DataOptions(paths=(options.train_data,), seq_len=options.seq_len, max_docs=options.max_docs),
+        targets=TargetSpec(kind="topk", k=options.k)))
+    build_seconds = time.perf_counter() - t0
+    cache = Cache.open(out / "cache")
+    totals = cache.manifest.totals
+    bytes_per_token = totals.bytes / max(totals.tokens, 1)
+    echo(f"      {totals.rows} rows, {totals.tokens} tokens, {bytes_per_token:.1f} bytes/token, "
+         f"{build_seconds:.1f} s")
+
+    runs = {}
+    common = dict(cache=str(out / "cache"), student=options.student, steps=options.steps,
+                  batch_size=options.batch_size, lr=options.lr, warmup_steps=max(1, options.steps // 20),
+                  eval_data=options.valid_data, eval_every=options.eval_every, eval_rows=options.eval_rows,
+                  eval_seq_len=options.seq_len, seed=options.seed, progress=options.progress, log_every=1)
+    for step, (name, kw) in enumerate((("student-kd", dict(kd_alpha=1.0, ce_alpha=0.0)),
+                                       ("student-ce", dict(kd_alpha=0.0, ce_alpha=1.0))), start=2):
+        label = "KD from the cache" if name == "student-kd" else "CE only (the twin)"
+        echo(f"[{step}/4] training {options.student}, {label}: {options.steps} steps -> {out / name}")
+        t0 = time.perf_counter()
+        train(TrainOptions(out=str(out / name), **common, **kw))
+        runs[name] = time.perf_counter() - t0
+
+    echo("[4/4] evaluating on the held-out split")
+    tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer")
+    rows = []
+    for name, path, seconds, bpt in (("teacher", options.teacher, build_seconds, None),
+                                     ("student-kd", out / "student-kd", runs["student-kd"], bytes_per_token),
+                                     ("student-ce", out / "student-ce", runs["student-ce"], None)):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        r = evaluate_model(model, options.valid_data, tokenizer, seq_len=options.seq_len,
+                           max_rows=options.eval_rows)
+        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
+                     "perplexity": round(r.perplexity, 3), "ece": round(r.ece, 4),
+                     "cache_bytes_per_token": None if bpt is None else round(bpt, 2),
+                     "wall_seconds": round(seconds, 1)})
+    results = {"options": options.__dict__, "rows": rows, "cache_tokens": totals.tokens}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    plot_curves(out, out / "loss_curves.png")
+    echo("")
+    echo(table)
+    echo(f"\nplot: {out / 'loss_curves.png'}")
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | parameters | val perplexity | ECE | cache bytes/token | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        bpt = "—" if r["cache_bytes_per_token"] is None else f"{r['cache_bytes_per_token']:.1f}"
+        what = {"teacher": "teacher (wall: the cache build)", "student-kd": "student, KD from the cache",
+                "student-ce": "student, CE only"}[r["model"]]
+        lines.append(f"| {what} | {r['parameters'] / 1e6:.2f} M | {r['perplexity']:.2f} | {r['ece']:.4f} | {bpt} | "
+                     f"{r['wall_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(out: Path, png: Path) -> None:
+    """Held-out perplexity and training loss of both students against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, colour in (("student-kd", "tab:blue"), ("student-ce", "tab:orange")):
+        records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        evals = [(r["step"], r["eval"]["perplexity"]) for r in records if r.get("eval")]
+        if evals:
+            left.plot(*zip(*evals), marker="o", color=colour, label=name)
+        right.plot([r["step"] for r in records], [r["loss"] for r in records], color=colour, alpha=0.8,
+                   label=f"{name} ({'KD' if name == 'student-kd' else 'CE'} loss)")
+    left.set(title="Held-out perplexity", xlabel="optimizer step", ylabel="perplexity (log scale)", yscale="log")
+    right.set(title="Training loss", xlabel="optimizer step", ylabel="loss (nats per target token)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,172 @@
+"""The trainer end to end on CPU: caches built from the demo teacher, students trained from them alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from student.evaluate import evaluate_model
+from student.train import TrainError, TrainOptions, load_student, train
+from teachercache.build import BuildOptions, build_cache
+from teachercache.data import DataOptions
+from teachercache.errors import TeachercacheError
+from teachercache.manifest import TargetSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+TEACHER = ROOT / "data" / "teacher"
+TRAIN = ROOT / "data" / "corpus" / "train.parquet"
+VALID = ROOT / "data" / "corpus" / "valid.parquet"
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """A training cache (top-16, teacher layer 2 stored) and a held-out cache, from the demo teacher."""
+    root = tmp_path_factory.mktemp("caches")
+    for name, corpus, docs in (("train", TRAIN, 3), ("valid", VALID, 1)):
+        build_cache(BuildOptions(teacher=str(TEACHER), out=str(root / name), progress=False, batch_size=8,
+                                 data=DataOptions(paths=(str(corpus),), seq_len=64, max_docs=docs),
+                                 targets=TargetSpec(kind="topk", k=16), hidden_layers=(2,)))
+    return root / "train", root / "valid"
+
+
+def _options(caches, out, **kw) -> TrainOptions:
+    base = dict(cache=str(caches[0]), student="llama-tiny", out=str(out), steps=12, batch_size=4, lr=3e-3,
+                warmup_steps=2, progress=False, log_every=1, shuffle_buffer=64)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_from_the_cache_moves_the_student_towards_the_teacher(caches, tmp_path):
+    tok = AutoTokenizer.from_pretrained(caches[0] / "tokenizer")
+    torch.manual_seed(0)
+    untrained = load_student("llama-tiny", 8192)
+    before = evaluate_model(untrained, caches[1], tok, batch_size=8)
+    result = train(_options(caches, tmp_path / "s", steps=40, eval_data=str(caches[1]), eval_every=20))
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    after = evaluate_model(student, caches[1], tok, batch_size=8)
+    assert after.kd_loss < 0.8 * before.kd_loss
+    assert after.perplexity < 0.8 * before.perplexity
+    assert after.teacher_agreement > before.teacher_agreement + 0.05
+    assert result.eval["kd_loss"] == pytest.approx(after.kd_loss, rel=1e-4)
+    summary = json.loads((tmp_path / "s" / "training_summary.json").read_text())
+    assert summary["steps"] == 40 and summary["kd"]["loss"] == "forward_kl"
+    assert (tmp_path / "s" / "model.safetensors").is_file() and (tmp_path / "s" / "tokenizer.json").is_file()
+    rows = _metrics(tmp_path / "s")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["kd"] < rows[0]["kd"]
+
+
+def test_fused_head_trains_exactly_like_the_unfused_path(caches, tmp_path):
+    a = train(_options(caches, tmp_path / "a", steps=3, ce_alpha=0.5, temperature=1.5))
+    b = train(_options(caches, tmp_path / "b", steps=3, ce_alpha=0.5, temperature=1.5, fused_head=True,
+                       chunk_size=50))
+    la, lb = _metrics(a.out), _metrics(b.out)
+    for x, y in zip(la, lb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    wa, wb = load_file(a.out / "model.safetensors"), load_file(b.out / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+
+
+def test_hint_loss_trains_and_saves_phi(caches, tmp_path):
+    result = train(_options(caches, tmp_path / "h", steps=3, hint_layers="1:2", hint_alpha=0.5))
+    rows = _metrics(result.out)
+    assert all(r["hint"] > 0 for r in rows)
+    phi = load_file(result.out / "hint_projector.safetensors")
+    assert [tuple(v.shape) for v in phi.values()] == [(256, 64)]   # teacher width 256, student 64
+
+
+def test_bad_starts_are_refused_before_any_step(caches, tmp_path):
+    with pytest.raises(TeachercacheError, match="stores teacher layers 2, not 3"):
+        train(_options(caches, tmp_path / "x1", hint_layers="1:3"))
+    with pytest.raises(TeachercacheError, match="student has layers 0..2"):
+        train(_options(caches, tmp_path / "x2", hint_layers="5:2"))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"model_type": "llama", "vocab_size": 4000, "hidden_size": 32,
+                                 "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(TeachercacheError, match="only 4000 columns"):
+        train(_options(caches, tmp_path / "x3", student=str(small)))
+    # a student with its own, different tokenizer
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    load_student("llama-tiny", 8200).save_pretrained(other)
+    with pytest.raises(TeachercacheError, match="not the one the cache was built with"):
+        train(_options(caches, tmp_path / "x4", student=str(other)))
+    # no hidden states in the cache
+    bare = tmp_path / "bare"
+    build_cache(BuildOptions(teacher=str(TEACHER), out=str(bare), progress=False,
+                             data=DataOptions(paths=(str(VALID),), seq_len=32, max_docs=1),
+                             targets=TargetSpec(kind="topk", k=4)))
+    with pytest.raises(TeachercacheError, match="stores no hidden states"):
+        train(_options((bare, None), tmp_path / "x5", hint_layers="1:2"))
+    for i in range(1, 6):
+        assert not (tmp_path / f"x{i}" / "model.safetensors").exists()
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "teachercache", "train", *args]
+
+
+def test_killed_training_resumes_to_the_same_weights(caches, tmp_path):
+    args = ["--cache", str(caches[0]), "--student", "llama-tiny", "--steps", "16", "--batch-size", "4",
+            "--checkpoint-every", "4", "--no-progress", "--seed", "3", "--warmup-steps", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "step-8").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "killed"), "--resume"), check=True, env=env,
+                   capture_output=True)
+    want = load_file(tmp_path / "whole" / "model.safetensors")
+    got = load_file(tmp_path / "killed" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
+def test_two_gloo_ranks_follow_the_one_rank_loss_curve(caches, tmp_path):
+    common = ["--cache", str(caches[0]), "--student", "llama-tiny", "--steps", "5", "--no-shuffle", "--no-progress",
+              "--log-every", "1", "--warmup-steps", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "one")), check=True, env=env,
+                   capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29517", "-m", "teachercache", "train", *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, both = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in both] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, both):
+        assert a["positions"] == b["positions"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_online_teacher_baseline_runs_the_same_loop(caches, tmp_path):
+    result = train(_options(caches, tmp_path / "o", steps=3, online_teacher=str(TEACHER)))
+    rows = _metrics(result.out)
+    assert len(rows) == 3 and all(r["kd"] > 0 for r in rows)
+    with pytest.raises(TrainError, match="forward_kl"):
+        train(replace(_options(caches, tmp_path / "o2", steps=1, online_teacher=str(TEACHER)), kd_loss="tvd"))

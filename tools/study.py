@@ -1,0 +1,188 @@
+"""The distillation study on the bundled default: which cached target is worth its bytes?
+
+Same student architecture, steps, batches, schedule and seeds in every arm; each trained from a cache of
+the demo teacher over the same training rows (or, for the two baselines, from the rows' tokens alone /
+the live teacher), evaluated on the held-out split data/corpus/valid.parquet:
+
+    ce              CE only (no teacher)
+    top8-rest       top-8,  forward KL with the rest bucket
+    top8-renorm     top-8,  forward KL renormalised over the stored ids
+    top64-rest      top-64, rest bucket
+    top64-renorm    top-64, renormalised
+    nucleus         nucleus top_p 0.95 (min 1, max 64), rest bucket
+    sampled         64 draws per position (RS-KD), sampled cross-entropy
+    sampled-hint    sampled + hint loss (MSE) from teacher layer 2 to student layer 2
+    online          full online KD: forward KL to the live teacher's full distribution
+
+Reports per arm: held-out perplexity (mean ± half the spread over seeds), ECE, cache bytes per token,
+mean stored ids per position, student tokens/s, and the share of full-KD's perplexity gain over CE
+that the arm recovers: (ppl_CE - ppl_arm) / (ppl_CE - ppl_online). Writes docs/study.md-ready
+markdown, results JSON and a PNG.
+
+    python tools/study.py --out runs/study                  # the committed figures (about 25 minutes)
+    python tools/study.py --out /tmp/s --steps 20 --seeds 1 --docs 4   # a smoke run
+
+Ends with one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "data" / "teacher"
+TRAIN = ROOT / "data" / "corpus" / "train.parquet"
+VALID = ROOT / "data" / "corpus" / "valid.parquet"
+
+CACHES = {
+    "top8": dict(kind="topk", k=8),
+    "top64": dict(kind="topk", k=64),
+    "nucleus": dict(kind="nucleus", top_p=0.95, min_k=1, max_k=64),
+    "sampled": dict(kind="sample", samples=64, seed=0),
+}
+ARMS = {
+    "ce": dict(cache="top8", ce_alpha=1.0, kd_alpha=0.0),
+    "top8-rest": dict(cache="top8", tail="rest"),
+    "top8-renorm": dict(cache="top8", tail="renormalize"),
+    "top64-rest": dict(cache="top64", tail="rest"),
+    "top64-renorm": dict(cache="top64", tail="renormalize"),
+    "nucleus": dict(cache="nucleus", tail="rest"),
+    "sampled": dict(cache="sampled"),
+    "sampled-hint": dict(cache="sampled", hint_layers="2:2", hint_alpha=0.1),
+    "online": dict(cache="top8", online_teacher=str(TEACHER)),
+}
+
+
+def build_caches(work: Path, docs: int, seq_len: int) -> dict:
+    from teachercache.build import BuildOptions, build_cache
+    from teachercache.cache import Cache
+    from teachercache.data import DataOptions
+    from teachercache.manifest import TargetSpec
+
+    info = {}
+    data = DataOptions(paths=(str(TRAIN),), seq_len=seq_len, max_docs=docs)
+    for name, spec in CACHES.items():
+        path = work / "caches" / name
+        if not (path / "manifest.json").exists():
+            build_cache(BuildOptions(teacher=str(TEACHER), data=data, out=str(path), progress=False,
+                                     targets=TargetSpec(**spec), hidden_layers=(2,) if name == "sampled" else ()))
+        cache = Cache.open(path)
+        t = cache.manifest.totals
+        hidden = sum(b for c, b in _column_bytes(cache).items() if c.startswith("hidden"))
+        info[name] = {"bytes_per_token": (t.bytes - hidden) / t.tokens, "hidden_bytes_per_token": hidden / t.tokens,
+                      "ids_per_position": t.target_entries / t.target_positions, "tokens": t.tokens}
+    return info
+
+
+def _column_bytes(cache) -> dict:
+    from teachercache.inspect import column_bytes_estimate
+
+    return column_bytes_estimate(cache)
+
+
+def run_arm(work: Path, arm: str, seed: int, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from student.evaluate import evaluate_model
+    from student.train import TrainOptions, train
+
+    kw = dict(ARMS[arm])
+    cache = work / "caches" / kw.pop("cache")
+    out = work / "runs" / f"{arm}-seed{seed}"
+    if not (out / "model.safetensors").exists():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        train(TrainOptions(cache=str(cache), student=args.student, out=str(out), steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 20),
+                           seed=seed, progress=False, log_every=10, **kw))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = sum(r["seconds"] for r in records) * (args.steps / max(1, len(records)))
+    tokens = sum(r["positions"] for r in records) * (args.steps / max(1, len(records)))
+    tok = AutoTokenizer.from_pretrained(cache / "tokenizer")
+    result = evaluate_model(AutoModelForCausalLM.from_pretrained(out), str(VALID), tok, seq_len=args.seq_len)
+    return {"perplexity": result.perplexity, "ece": result.ece, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--student", default="llama-small")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--docs", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    args = ap.parse_args()
+    work = Path(args.out)
+    t0 = time.perf_counter()
+    caches = build_caches(work, args.docs, args.seq_len)
+    results = {}
+    for arm in args.arms:
+        runs = [run_arm(work, arm, seed, args) for seed in range(args.seeds)]
+        ppl = [r["perplexity"] for r in runs]
+        cache = ARMS[arm].get("cache")
+        kd_arm = arm not in ("ce", "online")
+        results[arm] = {"perplexity": statistics.mean(ppl), "spread": (max(ppl) - min(ppl)) / 2,
+                        "runs": ppl, "ece": statistics.mean(r["ece"] for r in runs),
+                        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+                        "bytes_per_token": caches[cache]["bytes_per_token"] if kd_arm else None,
+                        "hidden_bytes_per_token": caches[cache]["hidden_bytes_per_token"] if arm == "sampled-hint" else None,
+                        "ids_per_position": caches[cache]["ids_per_position"] if kd_arm else None}
+        print(f"{arm:13s} ppl {results[arm]['perplexity']:.3f} ± {results[arm]['spread']:.3f}  "
+              f"ECE {results[arm]['ece']:.4f}", flush=True)
+    if "ce" in results and "online" in results:
+        gain = results["ce"]["perplexity"] - results["online"]["perplexity"]
+        for r in results.values():
+            r["recovered"] = (results["ce"]["perplexity"] - r["perplexity"]) / gain if gain else None
+    table = format_table(results)
+    (work / "study.md").write_text(table + "\n")
+    (work / "study.json").write_text(json.dumps({"args": vars(args), "results": results, "caches": caches},
+                                                indent=1))
+    plot(results, work / "study.png")
+    print(table)
+    print(f"wall {time.perf_counter() - t0:.0f} s; table {work / 'study.md'}, plot {work / 'study.png'}")
+    print(json.dumps({"bench": "study", "args": vars(args), "results": results}))
+
+
+def format_table(results: dict) -> str:
+    lines = ["| arm | val perplexity | ECE | cache bytes/token | ids/position | student tokens/s | gain recovered |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, r in results.items():
+        bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        if r.get("hidden_bytes_per_token"):
+            bpt += f" (+{r['hidden_bytes_per_token']:.0f} hidden)"
+        ids = "—" if r["ids_per_position"] is None else f"{r['ids_per_position']:.1f}"
+        rec = "—" if r.get("recovered") is None or arm in ("ce", "online") else f"{100 * r['recovered']:.0f}%"
+        lines.append(f"| {arm} | {r['perplexity']:.3f} ± {r['spread']:.3f} | {r['ece']:.4f} | {bpt} | {ids} | "
+                     f"{r['tokens_per_s']:.0f} | {rec} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, r in results.items():
+        x = r["bytes_per_token"] if r["bytes_per_token"] is not None else 0.0
+        ax.errorbar([x], [r["perplexity"]], yerr=[r["spread"]], fmt="o", capsize=3)
+        ax.annotate(arm, (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(title="Student held-out perplexity vs cache size (demo teacher)",
+           xlabel="cache bytes per token (0: CE only / online teacher)", ylabel="held-out perplexity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
