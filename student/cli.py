@@ -124,8 +124,9 @@ def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_jso
 @click.option("--max-docs", default=60, show_default=True, help="Training documents to cache.")
 @click.option("--student", default="llama-small", show_default=True, help="Student preset, config or path.")
 @click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps.")
+@click.option("--eval-rows", type=int, default=None, help="Evaluate on at most this many held-out rows.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo_command(out, steps, max_docs, student, eval_every, no_progress):
+def demo_command(out, steps, max_docs, student, eval_every, eval_rows, no_progress):
     """The main job on the bundled default: cache data/'s demo teacher over data/'s corpus, distil a
     student from the cache and a CE-only twin, evaluate all three, print a table and plot the curves.
 
@@ -134,4 +135,4 @@ def demo_command(out, steps, max_docs, student, eval_every, no_progress):
     from .demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=out, steps=steps, max_docs=max_docs, student=student, eval_every=eval_every,
-                         progress=not no_progress), echo=click.echo)
+                         eval_rows=eval_rows, progress=not no_progress), echo=click.echo)
