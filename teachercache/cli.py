@@ -242,6 +242,100 @@ def import_vllm_command(file, tokenizer, out, k, teacher, overwrite):
     click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.target_positions:,} target positions")
 
 
+@main.command("generate")
+@click.option("--teacher", required=True, help="Hub id or local directory of the teacher (a causal LM).")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="JSON Lines of prompts: instruction, optional input and id.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Chat JSON Lines to write; appended to, prompts already there are skipped (resume).")
+@click.option("--template", type=click.Choice(["instruction", "icl", "cot"]), default="instruction",
+              show_default=True, help="Prompt template (docs/blackbox.md).")
+@click.option("--pool", type=click.Path(dir_okay=False), default=None,
+              help="icl/cot: JSON Lines of demonstrations (instruction, input, output, rationale).")
+@click.option("--shots", default=3, show_default=True, help="icl/cot: demonstrations per prompt.")
+@click.option("--template-file", type=click.Path(dir_okay=False), default=None,
+              help="icl/cot: demonstration template (str.format fields {query} {output} {rationale} ...).")
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True, help="0: greedy.")
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Each prompt is seeded from (seed, id).")
+@click.option("--stop", multiple=True, help="Cut the answer at this string (repeatable).")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per generate call.")
+@click.option("--prompt-format", type=click.Choice(["auto", "chat", "plain"]), default="auto", show_default=True,
+              help="auto: the tokenizer's chat template when it has one.")
+@click.option("--record-prompt", type=click.Choice(["full", "query"]), default="full", show_default=True,
+              help="User message written: the full prompt, or just the query.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Let the teacher repository run its own code.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def generate_command(teacher, prompts, out, template, pool, shots, template_file, max_new_tokens, temperature,
+                     top_p, seed, stop, batch_size, prompt_format, record_prompt, device, dtype, trust_remote_code,
+                     no_progress):
+    """Let the teacher answer --prompts (instruction following, in-context learning or chain of thought)
+    and write chat JSON Lines that `teachercache build` reads. Rerun the same command to resume.
+
+    \b
+    Example:
+      teachercache generate --teacher Qwen/Qwen2.5-7B-Instruct --prompts q.jsonl --out answers.jsonl --template cot --pool demos.jsonl --shots 4 --stop "Question:"
+    """
+    from .generate import GenerateOptions, generate
+
+    summary = generate(GenerateOptions(
+        teacher=teacher, prompts=prompts, out=out, template=template, pool=pool, shots=shots,
+        template_file=template_file, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, stop=tuple(stop), batch_size=batch_size, prompt_format=prompt_format,
+        record_prompt=record_prompt, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        progress=not no_progress))
+    for line in summary.lines():
+        click.echo(line)
+
+
+@main.command("stepbystep")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--label-repeat", default=1, show_default=True, help="Times each label-task record is written.")
+@click.option("--rationale-repeat", default=1, show_default=True, help="Times each rationale-task record is written.")
+def stepbystep_command(src, dst, label_repeat, rationale_repeat):
+    """Turn `generate --template cot` output SRC into distilling-step-by-step records DST: per example a
+    "[label] " task (query -> answer) and a "[rationale] " task (query -> rationale); weights by repetition.
+
+    \b
+    Example:
+      teachercache stepbystep answers.jsonl tasks.jsonl --rationale-repeat 2
+    """
+    from .stepbystep import step_by_step
+
+    s = step_by_step(src, dst, label_repeat, rationale_repeat)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(s.skipped.items())) or "none"
+    click.echo(f"{dst}: {s.read} records read, {s.written} task records written; skipped: {skipped}")
+
+
+@main.command("import-api")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
+              help="Directory of the tokenizer that matches the API's tokens (needs a chat_template).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@click.option("--max-unmapped", default=0.01, show_default=True,
+              help="Refuse when more than this share of tokens is not in the tokenizer's vocabulary.")
+@click.option("--teacher", default="api", show_default=True, help="Model name recorded in the manifest.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
+def import_api_command(file, tokenizer, out, max_unmapped, teacher, overwrite):
+    """Build a cache from OpenAI-compatible chat completions with logprobs (JSONL: the request's messages and
+    the response with choices[0].logprobs.content[].top_logprobs): top-k targets on the answer tokens.
+
+    \b
+    Example:
+      teachercache import-api answers.jsonl --tokenizer Qwen2.5-7B-Instruct/ --out /tmp/api-cache
+    """
+    from .import_api import ApiImportOptions, import_api
+
+    _, report = import_api(file, tokenizer, out, ApiImportOptions(max_unmapped=max_unmapped, teacher=teacher,
+                                                                   overwrite=overwrite))
+    for line in report.lines():
+        click.echo(f"{out}: {line}" if not line.startswith(" ") else line)
+
+
 def _add_student_commands() -> None:
     """`train` and `eval` come from the student package (which imports teachercache, never the reverse at
     import time of the library modules)."""
