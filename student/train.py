@@ -414,6 +414,8 @@ def train(options: TrainOptions) -> TrainResult:
     stream = BatchStream(dataset, options, partial(collate_rows, pad_id=pad), make_loader, state["epoch"],
                          state["batches"])
 
+    if rank == 0:
+        _truncate_metrics(out / "metrics.jsonl", state["step"])
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = _progress(options, state["step"], rank)
     last_loss, last_eval = float("nan"), None
@@ -569,6 +571,23 @@ def _progress(options: TrainOptions, start: int, rank: int):
     from tqdm import tqdm
 
     return tqdm(total=options.steps, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps up to ``step`` (the checkpoint resumed from; 0: none): the steps a killed
+    run logged after its last checkpoint are run again and logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None   # a line cut short by a kill
 
 
 def _prune_checkpoints(out: Path, keep: int) -> None:

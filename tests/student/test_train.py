@@ -140,6 +140,8 @@ def test_killed_training_resumes_to_the_same_weights(caches, tmp_path):
     assert not (tmp_path / "killed" / "model.safetensors").exists()
     subprocess.run(_cli(*args, "--out", str(tmp_path / "killed"), "--resume"), check=True, env=env,
                    capture_output=True)
+    logged = [r["step"] for r in _metrics(tmp_path / "killed")]
+    assert logged == [r["step"] for r in _metrics(tmp_path / "whole")]    # every step logged once
     want = load_file(tmp_path / "whole" / "model.safetensors")
     got = load_file(tmp_path / "killed" / "model.safetensors")
     assert want.keys() == got.keys()
