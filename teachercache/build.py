@@ -19,6 +19,7 @@ a barrier rank 0 reads every rank's state file and writes the one manifest.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -170,6 +171,8 @@ def _refuse_out_dir(options: BuildOptions) -> None:
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out}: exists and is not a directory (--out)")
+    if (out / STATE_DIR).is_dir():  # early and cheap: before a large teacher is loaded (the real guard is _lock)
+        _lock(out, 0).close()
     if out.exists() and any(out.iterdir()) and not (options.resume or options.overwrite):
         raise BuildError(f"{out}: not empty; add --resume to continue a build there or --overwrite "
                          "to replace it")
@@ -177,15 +180,26 @@ def _refuse_out_dir(options: BuildOptions) -> None:
         raise BuildError(f"{out}: the build is already complete (manifest.json exists)")
 
 
-def _prepare_dir(options: BuildOptions, rank: int) -> dict:
-    """Returns this rank's resume state ({} for a fresh start)."""
+def _prepare_dir(options: BuildOptions, rank: int):
+    """Lock this rank's part of the directory, then clear or check it. Returns (resume state, {} for a
+    fresh start; the held lock). Nothing is deleted before the lock is held, so a second build into the
+    same directory is refused without touching the first one's files."""
     out = Path(options.out)
-    if rank == 0 and out.exists() and options.overwrite and not options.resume:
-        for name in (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR):
-            p = out / name
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = _lock(out, rank)
+    try:
+        return _clear_or_check(options, rank, out), lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _clear_or_check(options: BuildOptions, rank: int, out: Path) -> dict:
+    if rank == 0 and options.overwrite and not options.resume:
+        for p in [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR)] + [
+                p for p in (out / STATE_DIR).iterdir() if p.suffix != ".lock"]:  # lock files stay: they are held
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / STATE_DIR).mkdir(exist_ok=True)
     state_path = out / STATE_DIR / f"rank-{rank:03d}.json"
     state = json.loads(state_path.read_text()) if (options.resume and state_path.exists()) else {}
     done = {s["file"] for s in state.get("shards", [])}
@@ -304,6 +318,24 @@ class _Writer(threading.Thread):
 
 def build_cache(options: BuildOptions) -> BuildResult:
     """Run the teacher over the data and write a complete cache (see the module docstring)."""
+    try:
+        return _build_cache(options)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        raise BuildError(f"{options.out}: the disk is full ({e}); the shards finished so far are kept: free "
+                         "space there, then run the same command with --resume") from None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, pyarrow (an OSError whose text carries the errno) or tokenizers (a plain
+    Exception with the OS's text)."""
+    text = str(e)
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text
+            or "Disk quota exceeded" in text or "os error 28" in text)
+
+
+def _build_cache(options: BuildOptions) -> BuildResult:
     start = time.time()
     rank, world = _rank_world(options)
     if rank == 0:
@@ -315,12 +347,11 @@ def build_cache(options: BuildOptions) -> BuildResult:
     _check_model(options, model, vocab_size)
     out = Path(options.out)
     if rank == 0:
-        state = _prepare_dir(options, rank)  # rank 0 clears the directory first on --overwrite
+        state, lock = _prepare_dir(options, rank)  # rank 0 clears the directory first on --overwrite
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        state = _prepare_dir(options, rank)
-    lock = _lock(out, rank)
+        state, lock = _prepare_dir(options, rank)
     try:
         if rank == 0:
             tokenizer.save_pretrained(out / TOKENIZER_DIR)

@@ -20,7 +20,7 @@ from .batch import RowBatch
 from .errors import CacheCorruptError
 from .manifest import (SHARDS_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo, TokenizerInfo, Totals,
                        read_manifest, resolve_in_cache, shard_file_name, write_manifest)
-from .shards import ZSTD_LEVEL, ShardInfo, ShardReader, ShardWriter, file_sha256
+from .shards import ZSTD_LEVEL, ShardInfo, ShardReader, ShardWriter, file_kind, file_sha256
 
 DEFAULT_SHARD_BYTES = 512 << 20
 """A new shard is started once the current one holds this many (compressed) bytes."""
@@ -47,11 +47,19 @@ class Cache:
     def shard_path(self, i: int) -> Path:
         return resolve_in_cache(self.path, self.shards[i].file)
 
+    def regular_shard_path(self, i: int) -> Path:
+        """shard_path(i), refused (naming the file as the manifest lists it) unless it is a regular file."""
+        path, listed = self.shard_path(i), self.path / self.shards[i].file
+        if not path.exists():
+            raise CacheCorruptError(listed, "the shard file is missing", "rebuild the cache or restore the file")
+        if not path.is_file():
+            raise CacheCorruptError(listed, f"is not a regular file ({file_kind(path)})",
+                                    "the manifest lists it as a shard; restore the file or rebuild the cache")
+        return path
+
     def check_shard(self, i: int) -> None:
         """Compare shard ``i``'s size and SHA-256 with the manifest; CacheCorruptError if they differ."""
-        info, path = self.shards[i], self.shard_path(i)
-        if not path.is_file():
-            raise CacheCorruptError(path, "the shard file is missing", "rebuild the cache or restore the file")
+        info, path = self.shards[i], self.regular_shard_path(i)
         size = path.stat().st_size
         if size != info.bytes:
             raise CacheCorruptError(path, f"size {size} bytes, the manifest says {info.bytes} (truncated?)")
@@ -63,7 +71,7 @@ class Cache:
         if self.verify_checksums and i not in self._verified:
             self.check_shard(i)
             self._verified.add(i)
-        return ShardReader(self.shard_path(i), self.layout, columns)
+        return ShardReader(self.regular_shard_path(i), self.layout, columns)
 
     def iter_batches(self, columns: Sequence[str] | None = None,
                      shards: Sequence[int] | None = None) -> Iterator[RowBatch]:

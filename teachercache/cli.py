@@ -61,7 +61,8 @@ def _layers(ctx, param, value):
 @click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
 @click.option("--text-field", default="text", show_default=True, help="Field/column holding the text.")
 @click.option("--max-docs", type=int, default=None, help="Read at most this many documents.")
-@click.option("--shard-mb", default=512, show_default=True, help="Close a shard at this many MB.")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+              help="Close a shard at this many MB (fractions allowed, e.g. 0.05).")
 @click.option("--zstd-level", default=7, show_default=True, help="Shard compression (19: smaller, slower).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
@@ -88,7 +89,7 @@ def build_command(teacher, data, out, seq_len, packing, batch_size, dtype, devic
         teacher=teacher, out=out, targets=targets, batch_size=batch_size, dtype=dtype, device=device,
         data=DataOptions(paths=tuple(data), seq_len=seq_len, packing=packing, text_field=text_field,
                          max_docs=max_docs),
-        hidden_layers=hidden_layers, hidden_dtype=hidden_dtype, shard_bytes=shard_mb << 20,
+        hidden_layers=hidden_layers, hidden_dtype=hidden_dtype, shard_bytes=max(1, int(shard_mb * (1 << 20))),
         zstd_level=zstd_level, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         progress=not no_progress)
     result = build_cache(options)

@@ -46,6 +46,18 @@ class ShardInfo:
     sha256: str
 
 
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, for error messages."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -133,6 +145,9 @@ class ShardReader:
         self.path = Path(path)
         self.layout = layout
         where = str(self.path)
+        if self.path.exists() and not self.path.is_file():  # a FIFO would block the open below forever
+            raise CacheCorruptError(where, f"is not a regular file ({file_kind(self.path)})",
+                                    "a shard must be an Arrow IPC file; restore it or rebuild the cache")
         try:
             self._map = pa.memory_map(where, "r")
             schema = ipc.open_file(self._map).schema
