@@ -513,8 +513,9 @@ class BatchStream:
 
 def _all_reduce_grads(params, sums: dict) -> None:
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
+        if p.grad is None:   # a rank whose micro-batches held no target position still takes part
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
     totals = torch.tensor([sums[k] for k in ("loss", "ce", "kd", "hint")], dtype=torch.float64)
     dist.all_reduce(totals)
     for k, v in zip(("loss", "ce", "kd", "hint"), totals.tolist()):
