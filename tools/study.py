@@ -19,7 +19,7 @@ mean stored ids per position, student tokens/s, and the share of full-KD's perpl
 that the arm recovers: (ppl_CE - ppl_arm) / (ppl_CE - ppl_online). Writes docs/study.md-ready
 markdown, results JSON and a PNG.
 
-    python tools/study.py --out runs/study                  # the committed figures (about 25 minutes)
+    python tools/study.py --out runs/study                  # the committed figures (30+ minutes on 2 cores)
     python tools/study.py --out /tmp/s --steps 20 --seeds 1 --docs 4   # a smoke run
 
 Ends with one JSON line of the figures.
@@ -112,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--student", default="llama-small")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seq-len", type=int, default=256)
