@@ -19,14 +19,20 @@ from teachercache.kernels import LOSSES, TAILS
               help="Pretrained directory or hub id, a config .json (fresh weights), or a preset: "
                    "llama-tiny, llama-small, llama-base.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the trained student.")
-@click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=8, show_default=True, help="Rows per micro-batch per process.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--warmup-steps", default=50, show_default=True, help="Linear warmup, then cosine decay.")
-@click.option("--min-lr-ratio", default=0.1, show_default=True, help="Final lr as a share of --lr.")
-@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows per micro-batch per process.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Linear warmup, then cosine decay.")
+@click.option("--min-lr-ratio", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Final lr as a share of --lr.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Gradient clipping (0: off).")
 @click.option("--kd-loss", type=click.Choice(LOSSES), default=None,
               help="KD loss [default: sampled_ce for sampled caches, else forward_kl].")
 @click.option("--tail", type=click.Choice(TAILS), default="rest", show_default=True,
@@ -40,16 +46,21 @@ from teachercache.kernels import LOSSES, TAILS
 @click.option("--hint-alpha", default=1.0, show_default=True, help="Weight of the hint loss.")
 @click.option("--hint-kind", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True)
 @click.option("--fused-head", is_flag=True, help="LM head + loss in chunks: no [batch, seq, vocab] logits.")
-@click.option("--chunk-size", default=1024, show_default=True, help="--fused-head: positions per chunk.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="--fused-head: positions per chunk.")
 @click.option("--eval-data", default=None, help="Held-out cache directory or text file for evaluation.")
-@click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (0: only at the end).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate every N steps (0: only at the end).")
 @click.option("--eval-rows", type=int, default=None, help="Evaluate on at most this many rows.")
-@click.option("--checkpoint-every", default=0, show_default=True, help="Checkpoint every N steps (0: never).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-shuffle", is_flag=True, help="Read rows in file order.")
-@click.option("--num-workers", default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--log-every", default=10, show_default=True, help="Write metrics every N steps.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Write metrics every N steps.")
 @click.option("--online-teacher", default=None, help="Baseline: KD from this live teacher instead of the cache.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Let the student repository run its own code.")

@@ -162,7 +162,7 @@ def load_student(spec: str, vocab_size: int, trust_remote_code: bool = False):
             values = json.loads(path.read_text())
             values.setdefault("vocab_size", vocab_size)
             config = AutoConfig.for_model(**values)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise TrainError(f"{path}: not a model config a transformers Auto class can read ({e}); it needs "
                              "a model_type such as \"llama\"") from None
         return AutoModelForCausalLM.from_config(config)
@@ -197,8 +197,11 @@ def kd_config(options: TrainOptions, sampled: bool) -> KDConfig:
     loss = options.kd_loss or ("sampled_ce" if sampled else "forward_kl")
     if loss == "sampled_ce" and not sampled:
         raise TrainError("--kd-loss sampled_ce needs a cache of sampled targets (build with --target sample)")
-    return KDConfig(loss=loss, tail=options.tail, temperature=options.temperature, beta=options.beta,
-                    alpha=options.skew_alpha, ce_weight=options.ce_alpha, kd_weight=options.kd_alpha)
+    try:
+        return KDConfig(loss=loss, tail=options.tail, temperature=options.temperature, beta=options.beta,
+                        alpha=options.skew_alpha, ce_weight=options.ce_alpha, kd_weight=options.kd_alpha)
+    except ValueError as e:  # --temperature, --beta, --skew-alpha out of range
+        raise TrainError(f"KD options: {e} (see teachercache train --help)") from None
 
 
 def lr_lambda(options: TrainOptions):

@@ -44,7 +44,7 @@ def _layers(ctx, param, value):
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per row.")
 @click.option("--packing", type=click.Choice(["concat", "document"]), default="concat", show_default=True,
               help="concat: join documents with EOS and cut rows; document: one document per row.")
-@click.option("--batch-size", default=8, show_default=True, help="Rows per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per forward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Teacher dtype (auto: bf16 on GPU, fp32 on CPU).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
@@ -63,7 +63,8 @@ def _layers(ctx, param, value):
 @click.option("--max-docs", type=int, default=None, help="Read at most this many documents.")
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Close a shard at this many MB (fractions allowed, e.g. 0.05).")
-@click.option("--zstd-level", default=7, show_default=True, help="Shard compression (19: smaller, slower).")
+@click.option("--zstd-level", type=click.IntRange(1, 22), default=7, show_default=True,
+              help="Shard compression (19: smaller, slower).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
 @click.option("--trust-remote-code", is_flag=True, help="Let the teacher repository run its own code.")
@@ -101,7 +102,7 @@ def build_command(teacher, data, out, seq_len, packing, batch_size, dtype, devic
 @main.command("inspect")
 @click.argument("cache", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--sample-batches", default=4, show_default=True,
+@click.option("--sample-batches", type=click.IntRange(min=0), default=4, show_default=True,
               help="Record batches per shard re-compressed to split bytes by column.")
 def inspect_command(cache, as_json, sample_batches):
     """Show what is in CACHE: totals, bytes per token by column, targets, fingerprints, and the

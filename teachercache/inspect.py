@@ -141,7 +141,7 @@ class _Tally:
 
 def inspect_cache(path: str | os.PathLike, sample_batches: int = 4) -> dict:
     """A JSON-ready summary of the cache at ``path`` (see the module docstring)."""
-    cache = Cache.open(path, verify_checksums=False)
+    cache = Cache.open(path)  # checksums first: a damaged shard is an error, not a summary of garbage
     m = cache.manifest
     whole, per_shard = _Tally(), []
     for i, info in enumerate(cache.shards):

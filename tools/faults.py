@@ -7,8 +7,10 @@ Sections (``--only build,train,fuzz,disk,lock`` runs some of them):
 
 * build: ``python -m teachercache build`` of the demo teacher over a slice of data/corpus/valid.parquet,
   small shards, SIGKILLed at moments drawn uniformly (seeded) over the measured length of an
-  uninterrupted build, then ``--resume``d; each result must have the same shards (names and SHA-256 in
-  the manifest) and decode to the same values as the uninterrupted build, and verify clean.
+  uninterrupted build (start to exit: imports and the teacher load take much of it), then a few more
+  uniform over its pass alone (so that kills land inside shards and on the manifest too); each is
+  ``--resume``d and must have the same shards (names and SHA-256 in the manifest), decode to the same
+  values as the uninterrupted build, and verify --deep clean.
 * train: ``python -m teachercache train`` on that cache with a checkpoint every 2 steps, killed the same
   way and resumed; the final model.safetensors must equal an uninterrupted run's (max |diff| <= 1e-6).
 * fuzz: corrupted shards and manifests (tools/fault_fuzz.py) read by the reader, verify and verify --deep
@@ -139,32 +141,58 @@ def build_phase(out: Path) -> str:
     return "between shards" if done else "first forward passes"
 
 
-def build_kills(work: Path, n: int, docs: int, rng: random.Random) -> dict:
+def timed_build(args, out: Path) -> tuple[float, float]:
+    """Run a build to completion: (seconds in all, seconds until its pass began: tokenizer/ written)."""
+    t0 = time.time()
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    pass_start = None
+    while proc.poll() is None:
+        if pass_start is None and (out / "tokenizer").is_dir():
+            pass_start = time.time() - t0
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise SystemExit(f"the uninterrupted build failed:\n{proc.stderr.read()[-3000:]}")
+    return time.time() - t0, pass_start or 0.0
+
+
+def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) -> dict:
+    """``n`` kills at moments uniform over the whole uninterrupted build, then ``n_pass`` uniform over its
+    pass alone (from tokenizer/ being written to the exit), so that shards and the manifest are hit too."""
     ref = work / "build-ref"
     shutil.rmtree(ref, ignore_errors=True)
-    duration = must(build_args(ref, docs), "the uninterrupted build")
-    print(f"[build] uninterrupted build: {duration:.1f} s, {len(shard_table(ref))} shards")
-    phases, failures, landed, attempts = Counter(), [], 0, 0
-    while landed < n and attempts < 3 * n:
-        attempts += 1
-        out = work / f"build-kill-{attempts}"
-        moment = rng.uniform(0.0, duration)
-        if not kill_at(build_args(out, docs), moment):
+    duration, pass_start = timed_build(build_args(ref, docs), ref)
+    print(f"[build] uninterrupted build: {duration:.1f} s (pass from {pass_start:.1f} s), "
+          f"{len(shard_table(ref))} shards")
+    out_report = {"uninterrupted_seconds": round(duration, 1), "pass_start_seconds": round(pass_start, 1),
+                  "reference": str(ref)}
+    for label, count, lo in (("kills", n, 0.0), ("pass_kills", n_pass, pass_start)):
+        phases, failures, landed, attempts = Counter(), [], 0, 0
+        while landed < count and attempts < 3 * count:
+            attempts += 1
+            out = work / f"build-kill-{label}-{attempts}"
+            moment = rng.uniform(lo, duration)
+            if not kill_at(build_args(out, docs), moment):
+                shutil.rmtree(out, ignore_errors=True)
+                continue  # finished before the kill: not counted, draw again
+            landed += 1
+            phase = build_phase(out)
+            phases[phase] += 1
+            proc = run(build_args(out, docs) + ["--resume"])
+            ok, why = (proc.returncode == 0, proc.stderr[-300:]) if proc.returncode else same_cache(out, ref)
+            if phase.startswith("after the manifest"):  # already complete: --resume refuses, the cache stands
+                ok, why = same_cache(out, ref)
+            if not ok:
+                failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
+            print(f"[build] {label[:-1].replace('_', ' ')} {landed:2d} at {moment:5.2f} s ({phase}): "
+                  f"{'identical' if ok else 'FAILED ' + why}")
             shutil.rmtree(out, ignore_errors=True)
-            continue  # finished before the kill: not counted, draw again
-        landed += 1
-        phase = build_phase(out)
-        phases[phase] += 1
-        proc = run(build_args(out, docs) + ["--resume"])
-        ok, why = (proc.returncode == 0, proc.stderr[-300:]) if proc.returncode else same_cache(out, ref)
-        if phase.startswith("after the manifest"):  # already complete: --resume refuses, the cache stands
-            ok, why = same_cache(out, ref)
-        if not ok:
-            failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
-        print(f"[build] kill {landed:2d} at {moment:5.2f} s ({phase}): {'identical' if ok else 'FAILED ' + why}")
-        shutil.rmtree(out, ignore_errors=True)
-    return {"kills": landed, "identical": landed - len(failures), "failures": failures,
-            "phases": dict(phases), "uninterrupted_seconds": round(duration, 1), "reference": str(ref)}
+        out_report[label] = landed
+        out_report[f"{label}_identical"] = landed - len(failures)
+        out_report[f"{label}_phases"] = dict(phases)
+        out_report[f"{label}_failures"] = failures
+    out_report["identical"] = out_report["kills_identical"]
+    out_report["failures"] = out_report["kills_failures"] + out_report["pass_kills_failures"]
+    return out_report
 
 
 def train_phase(out: Path) -> str:
@@ -434,6 +462,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--only", default="build,train,fuzz,disk,lock")
     parser.add_argument("--build-kills", type=int, default=None)
+    parser.add_argument("--pass-kills", type=int, default=None, help="extra build kills within its pass")
     parser.add_argument("--train-kills", type=int, default=None)
     parser.add_argument("--fuzz-cases", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2, help="fuzz worker processes")
@@ -441,9 +470,10 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     n_build = args.build_kills if args.build_kills is not None else (2 if quick else 20)
+    n_pass = args.pass_kills if args.pass_kills is not None else (0 if quick else 6)
     n_train = args.train_kills if args.train_kills is not None else (1 if quick else 20)
-    n_fuzz = args.fuzz_cases if args.fuzz_cases is not None else (60 if quick else 2000)
-    docs = 1 if quick else 4
+    n_fuzz = args.fuzz_cases if args.fuzz_cases is not None else (60 if quick else 1500)
+    docs = 1 if quick else 6
     sections = set(args.only.split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tc-faults-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -451,7 +481,8 @@ def main() -> None:
     started = time.time()
     report: dict = {"quick": quick, "seed": args.seed, "command": " ".join(["python", "tools/faults.py"] + sys.argv[1:])}
     try:
-        build = build_kills(work, n_build if "build" in sections else 0, docs, rng)
+        build = build_kills(work, n_build if "build" in sections else 0,
+                            n_pass if "build" in sections else 0, docs, rng)
         report["build"] = build
         ref = Path(build["reference"])
         if "train" in sections:
@@ -461,7 +492,7 @@ def main() -> None:
         if "disk" in sections:
             report["disk"] = disk_full(work, ref, docs, 1 if quick else 3)
         if "lock" in sections:
-            report["lock"] = two_builds(work, ref, docs, 0 if quick else 3, 1 if quick else 3)
+            report["lock"] = two_builds(work, ref, docs, 0 if quick else 2, 1 if quick else 2)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
