@@ -285,3 +285,33 @@ def test_hostile_lengths_never_read_out_of_bounds(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     named, decoded, refused = map(int, re.findall(r"\d+", proc.stdout.splitlines()[-1]))
     assert named == 4 * 19 + 2 + 6 and refused > 1500 and decoded > 100, proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_shard_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind, checksums):
+    import signal
+
+    from teachercache import schema as S
+    from teachercache.cache import Cache
+    from teachercache.errors import CacheCorruptError
+
+    from helpers import random_batch, write_cache
+
+    layout = S.Layout(vocab_size=50)
+    m = write_cache(tmp_path / "c", [random_batch(np.random.default_rng(0), layout, [6])], layout)
+    shard = tmp_path / "c" / m.shards[0].file
+    shard.unlink()
+    os.mkfifo(shard) if kind == "fifo" else shard.mkdir()
+    def hung(*_):
+        raise TimeoutError("the reader blocked on the shard")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)  # opening a FIFO for reading blocks until a writer comes: that was a hang
+    try:
+        with pytest.raises(CacheCorruptError, match="is not a regular file") as info:
+            list(Cache.open(tmp_path / "c", verify_checksums=checksums).iter_batches())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert str(shard) in str(info.value)
