@@ -69,7 +69,8 @@ def build_caches(work: Path, docs: int, seq_len: int) -> dict:
         path = work / "caches" / name
         if not (path / "manifest.json").exists():
             build_cache(BuildOptions(teacher=str(TEACHER), data=data, out=str(path), progress=False,
-                                     targets=TargetSpec(**spec), hidden_layers=(2,) if name == "sampled" else ()))
+                                     targets=TargetSpec(**spec), hidden_layers=(2,) if name == "sampled" else (),
+                                     resume=path.exists()))   # an interrupted study continues its build
         cache = Cache.open(path)
         t = cache.manifest.totals
         hidden = sum(b for c, b in _column_bytes(cache).items() if c.startswith("hidden"))
