@@ -51,7 +51,8 @@ class Cache:
         """shard_path(i), refused (naming the file as the manifest lists it) unless it is a regular file."""
         path, listed = self.shard_path(i), self.path / self.shards[i].file
         if not path.exists():
-            raise CacheCorruptError(listed, "the shard file is missing", "rebuild the cache or restore the file")
+            raise CacheCorruptError(listed, "the shard file is missing",
+                                    "the manifest lists it; rebuild the cache or restore the file")
         if not path.is_file():
             raise CacheCorruptError(listed, f"is not a regular file ({file_kind(path)})",
                                     "the manifest lists it as a shard; restore the file or rebuild the cache")

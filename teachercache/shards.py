@@ -127,9 +127,15 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._writer.close()
-        finally:
-            self._sink.close()
+            try:
+                self._writer.close()
+            finally:
+                self._sink.close()
+        except Exception:  # e.g. a full disk when the footer is written
+            self.tmp_path.unlink(missing_ok=True)
+            if exc_type is None:
+                raise
+            return  # already leaving on an error: that one is reported, not this echo of it
         if exc_type is not None:
             self.tmp_path.unlink(missing_ok=True)
             return

@@ -12,7 +12,7 @@ Sections (``--only build,train,fuzz,disk,lock`` runs some of them):
   ``--resume``d and must have the same shards (names and SHA-256 in the manifest), decode to the same
   values as the uninterrupted build, and verify --deep clean.
 * train: ``python -m teachercache train`` on that cache with a checkpoint every 2 steps, killed the same
-  way and resumed; the final model.safetensors must equal an uninterrupted run's (max |diff| <= 1e-6).
+  way (uniform over the whole run, then over its training loop alone) and resumed; the final model.safetensors must equal an uninterrupted run's (max |diff| <= 1e-6).
 * fuzz: corrupted shards and manifests (tools/fault_fuzz.py) read by the reader, verify and verify --deep
   in worker processes with a timeout; crashes, hangs, silent wrong values and errors that do not name
   the file are counted.
@@ -69,18 +69,13 @@ def run(args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def must(args, what: str) -> float:
-    """Run to completion; the seconds it took."""
-    t = time.time()
-    proc = run(args)
-    if proc.returncode != 0:
-        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
-    return time.time() - t
-
-
-def kill_at(args, seconds: float) -> bool:
-    """Start ``args``, SIGKILL it ``seconds`` later; False if it had already finished by then."""
+def kill_at(args, seconds: float, after: Path | None = None) -> bool:
+    """Start ``args``, SIGKILL it ``seconds`` later (counted from when ``after`` appears, if given: the
+    start of a build's pass, whatever the load on the machine made of its start-up); False if it had
+    already finished by then."""
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    while after is not None and not after.exists() and proc.poll() is None:
+        time.sleep(0.005)
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -141,26 +136,28 @@ def build_phase(out: Path) -> str:
     return "between shards" if done else "first forward passes"
 
 
-def timed_build(args, out: Path) -> tuple[float, float]:
-    """Run a build to completion: (seconds in all, seconds until its pass began: tokenizer/ written)."""
+def timed_run(args, marker: Path) -> tuple[float, float]:
+    """Run to completion: (seconds in all, seconds until ``marker`` appeared: a build's tokenizer/, the
+    start of its pass; a training run's metrics.jsonl, the start of its loop)."""
     t0 = time.time()
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     pass_start = None
     while proc.poll() is None:
-        if pass_start is None and (out / "tokenizer").is_dir():
+        if pass_start is None and marker.exists():
             pass_start = time.time() - t0
         time.sleep(0.01)
     if proc.returncode != 0:
-        raise SystemExit(f"the uninterrupted build failed:\n{proc.stderr.read()[-3000:]}")
+        raise SystemExit(f"the uninterrupted run failed:\n{proc.stderr.read()[-3000:]}")
     return time.time() - t0, pass_start or 0.0
 
 
 def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) -> dict:
     """``n`` kills at moments uniform over the whole uninterrupted build, then ``n_pass`` uniform over its
-    pass alone (from tokenizer/ being written to the exit), so that shards and the manifest are hit too."""
+    pass alone (from tokenizer/ being written to the exit, timed from when the killed build itself wrote
+    tokenizer/), so that shards and the manifest are hit too."""
     ref = work / "build-ref"
     shutil.rmtree(ref, ignore_errors=True)
-    duration, pass_start = timed_build(build_args(ref, docs), ref)
+    duration, pass_start = timed_run(build_args(ref, docs), ref / "tokenizer")
     print(f"[build] uninterrupted build: {duration:.1f} s (pass from {pass_start:.1f} s), "
           f"{len(shard_table(ref))} shards")
     out_report = {"uninterrupted_seconds": round(duration, 1), "pass_start_seconds": round(pass_start, 1),
@@ -171,7 +168,7 @@ def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) 
             attempts += 1
             out = work / f"build-kill-{label}-{attempts}"
             moment = rng.uniform(lo, duration)
-            if not kill_at(build_args(out, docs), moment):
+            if not kill_at(build_args(out, docs), moment - lo, after=(out / "tokenizer") if lo else None):
                 shutil.rmtree(out, ignore_errors=True)
                 continue  # finished before the kill: not counted, draw again
             landed += 1
@@ -217,35 +214,48 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
 
-def train_kills(work: Path, cache: Path, n: int, steps: int, rng: random.Random) -> dict:
+def train_kills(work: Path, cache: Path, n: int, n_loop: int, steps: int, rng: random.Random) -> dict:
+    """``n`` kills uniform over an uninterrupted run (start to exit), then ``n_loop`` uniform over its
+    training loop alone (timed from when the killed run opened metrics.jsonl), so that checkpoints are
+    hit too; each resumed run must end with the reference's weights."""
     ref = work / "train-ref"
     shutil.rmtree(ref, ignore_errors=True)
-    duration = must(train_args(cache, ref, steps), "the uninterrupted training run")
-    print(f"[train] uninterrupted run: {duration:.1f} s, {steps} steps, a checkpoint every 2")
-    phases, failures, diffs, landed, attempts = Counter(), [], [], 0, 0
-    while landed < n and attempts < 3 * n:
-        attempts += 1
-        out = work / f"train-kill-{attempts}"
-        moment = rng.uniform(0.0, duration)
-        if not kill_at(train_args(cache, out, steps), moment):
+    duration, loop_start = timed_run(train_args(cache, ref, steps), ref / "metrics.jsonl")
+    print(f"[train] uninterrupted run: {duration:.1f} s (loop from {loop_start:.1f} s), {steps} steps, "
+          "a checkpoint every 2")
+    report = {"uninterrupted_seconds": round(duration, 1), "loop_start_seconds": round(loop_start, 1)}
+    diffs = []
+    for label, count, lo in (("kills", n, 0.0), ("loop_kills", n_loop, loop_start)):
+        phases, failures, landed, attempts = Counter(), [], 0, 0
+        while landed < count and attempts < 3 * count:
+            attempts += 1
+            out = work / f"train-kill-{label}-{attempts}"
+            moment = rng.uniform(lo, duration)
+            if not kill_at(train_args(cache, out, steps), moment - lo, after=(out / "metrics.jsonl") if lo else None):
+                shutil.rmtree(out, ignore_errors=True)
+                continue
+            landed += 1
+            phase = train_phase(out)
+            phases[phase] += 1
+            proc = run(train_args(cache, out, steps) + ["--resume"])
+            if proc.returncode != 0:
+                ok, why = False, proc.stderr[-300:]
+            else:
+                diff = max_abs_diff(out / "model.safetensors", ref / "model.safetensors")
+                ok, why = diff <= 1e-6, f"max |diff| {diff:.3g}"
+                diffs.append(diff)
+            if not ok:
+                failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
+            print(f"[train] {label[:-1].replace('_', ' ')} {landed:2d} at {moment:5.2f} s ({phase}): {why}")
             shutil.rmtree(out, ignore_errors=True)
-            continue
-        landed += 1
-        phase = train_phase(out)
-        phases[phase] += 1
-        proc = run(train_args(cache, out, steps) + ["--resume"])
-        if proc.returncode != 0:
-            ok, why, diff = False, proc.stderr[-300:], None
-        else:
-            diff = max_abs_diff(out / "model.safetensors", ref / "model.safetensors")
-            ok, why = diff <= 1e-6, f"max |diff| {diff:.3g}"
-            diffs.append(diff)
-        if not ok:
-            failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
-        print(f"[train] kill {landed:2d} at {moment:5.2f} s ({phase}): {why}")
-        shutil.rmtree(out, ignore_errors=True)
-    return {"kills": landed, "identical": landed - len(failures), "failures": failures, "phases": dict(phases),
-            "max_abs_diff": max(diffs) if diffs else None, "uninterrupted_seconds": round(duration, 1)}
+        report[label] = landed
+        report[f"{label}_identical"] = landed - len(failures)
+        report[f"{label}_phases"] = dict(phases)
+        report[f"{label}_failures"] = failures
+    report["identical"] = report["kills_identical"]
+    report["failures"] = report["kills_failures"] + report["loop_kills_failures"]
+    report["max_abs_diff"] = max(diffs) if diffs else None
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,7 +354,8 @@ def cli_verify_checks(work: Path, clean: Path, rng: random.Random, n: int) -> di
         kind, targets, what = fault_fuzz.make_case(clean, case, rng)
         proc = run(cli("verify", case, "--deep"), timeout=120)
         text = proc.stdout + proc.stderr
-        ok = proc.returncode == 1 and "Traceback" not in text and any(t in text for t in targets)
+        named = targets + (["the manifest"] if kind.startswith("manifest") else [])
+        ok = proc.returncode == 1 and "Traceback" not in text and any(t in text for t in named)
         harmless = proc.returncode == 0 and "reversed" in what
         good += ok or harmless
         if not (ok or harmless):
@@ -381,6 +392,7 @@ def disk_full(work: Path, ref: Path, docs: int, rounds: int) -> dict:
             resumed = run(build_args(out, docs) + ["--resume"])
             ok, why = (False, resumed.stderr[-300:]) if resumed.returncode else same_cache(out, ref)
             results.append({"room_bytes": room, "exit": proc.returncode, "message": message, "clear": clear,
+                            "traceback": "Traceback" in proc.stderr,
                             "resumed_identical": ok, "why": why})
             print(f"[disk] room {room:,} B: exit {proc.returncode}, {message!r}; resume: {why}")
         finally:
@@ -464,13 +476,15 @@ def main() -> None:
     parser.add_argument("--build-kills", type=int, default=None)
     parser.add_argument("--pass-kills", type=int, default=None, help="extra build kills within its pass")
     parser.add_argument("--train-kills", type=int, default=None)
+    parser.add_argument("--loop-kills", type=int, default=None, help="extra train kills within its loop")
     parser.add_argument("--fuzz-cases", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2, help="fuzz worker processes")
     parser.add_argument("--workdir", default=None, help="keep the work files here (default: a temp dir)")
     args = parser.parse_args()
     quick = args.quick
     n_build = args.build_kills if args.build_kills is not None else (2 if quick else 20)
-    n_pass = args.pass_kills if args.pass_kills is not None else (0 if quick else 6)
+    n_pass = args.pass_kills if args.pass_kills is not None else (0 if quick else 10)
+    n_loop = args.loop_kills if args.loop_kills is not None else (0 if quick else 10)
     n_train = args.train_kills if args.train_kills is not None else (1 if quick else 20)
     n_fuzz = args.fuzz_cases if args.fuzz_cases is not None else (60 if quick else 1500)
     docs = 1 if quick else 6
@@ -486,7 +500,7 @@ def main() -> None:
         report["build"] = build
         ref = Path(build["reference"])
         if "train" in sections:
-            report["train"] = train_kills(work, ref, n_train, 8 if quick else 16, rng)
+            report["train"] = train_kills(work, ref, n_train, n_loop, 8 if quick else 16, rng)
         if "fuzz" in sections:
             report["fuzz"] = fuzz(work, ref, n_fuzz, args.jobs, rng, 0 if quick else 12)
         if "disk" in sections:
