@@ -339,8 +339,8 @@ def import_api_command(file, tokenizer, out, max_unmapped, teacher, overwrite):
 
 
 def _add_student_commands() -> None:
-    """`train` and `eval` come from the student package (which imports teachercache, never the reverse at
-    import time of the library modules)."""
+    """`train`, `eval` and `demo` come from the student package (which imports teachercache; the library
+    modules of teachercache never import student)."""
     from student.cli import demo_command, eval_command, train_command
 
     main.add_command(train_command)
