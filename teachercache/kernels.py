@@ -329,11 +329,14 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
             g[label] -= ce_scale
 
 
+_TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64, np.int64: torch.int64}
+
+
 def _numpy(t: torch.Tensor | None, dtype) -> np.ndarray:
+    """``t`` as a contiguous CPU array of ``dtype`` for the kernel (an empty array for None)."""
     if t is None:
         return np.zeros(0, dtype=dtype)
-    return t.detach().to("cpu", torch.float32 if dtype == np.float32 else
-                         (torch.float64 if dtype == np.float64 else torch.int64)).contiguous().numpy()
+    return t.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous().numpy()
 
 
 def fused_sparse_kd(logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor | None,
