@@ -150,6 +150,8 @@ def evaluate_model(model, source: str | Path, tokenizer, *, batch_size: int = 8,
             targets = SparseTargets(batch["target_offsets"], batch["target_ids"], batch["target_logprobs"],
                                     batch["rest_mass"], batch.get("target_counts")).to(device)
             cfg = kd_config or KDConfig(loss="sampled_ce" if targets.counts is not None else "forward_kl")
+            if cfg.loss == "sampled_ce" and targets.counts is None:   # a top-k held-out cache
+                cfg = KDConfig(loss="forward_kl", tail=cfg.tail)
             weights = torch.ones(pos.numel(), dtype=torch.float64, device=device)
             _, _, kd = sparse_kd_loss(z, targets, None, weights, cfg)
             kd_sum += float(kd.sum())
