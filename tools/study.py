@@ -120,18 +120,25 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="Evaluate and tabulate the runs already in --out (any seeds); train nothing.")
     args = ap.parse_args()
     work = Path(args.out)
     t0 = time.perf_counter()
     caches = build_caches(work, args.docs, args.seq_len)
     results = {}
     for arm in args.arms:
-        runs = [run_arm(work, arm, seed, args) for seed in range(args.seeds)]
+        seeds = list(range(args.seeds))
+        if args.evaluate_only:   # report the runs that exist, train nothing
+            seeds = [s for s in seeds if (work / "runs" / f"{arm}-seed{s}" / "model.safetensors").exists()]
+            if not seeds:
+                continue
+        runs = [run_arm(work, arm, seed, args) for seed in seeds]
         ppl = [r["perplexity"] for r in runs]
         cache = ARMS[arm].get("cache")
         kd_arm = arm not in ("ce", "online")
         results[arm] = {"perplexity": statistics.mean(ppl), "spread": (max(ppl) - min(ppl)) / 2,
-                        "runs": ppl, "ece": statistics.mean(r["ece"] for r in runs),
+                        "runs": ppl, "seeds": len(runs), "ece": statistics.mean(r["ece"] for r in runs),
                         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
                         "bytes_per_token": caches[cache]["bytes_per_token"] if kd_arm else None,
                         "hidden_bytes_per_token": caches[cache]["hidden_bytes_per_token"] if arm == "sampled-hint" else None,
@@ -153,15 +160,15 @@ def main() -> None:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| arm | val perplexity | ECE | cache bytes/token | ids/position | student tokens/s | gain recovered |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| arm | seeds | val perplexity | ECE | cache bytes/token | ids/position | student tokens/s | gain recovered |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for arm, r in results.items():
         bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
         if r.get("hidden_bytes_per_token"):
             bpt += f" (+{r['hidden_bytes_per_token']:.0f} hidden)"
         ids = "—" if r["ids_per_position"] is None else f"{r['ids_per_position']:.1f}"
         rec = "—" if r.get("recovered") is None or arm in ("ce", "online") else f"{100 * r['recovered']:.0f}%"
-        lines.append(f"| {arm} | {r['perplexity']:.3f} ± {r['spread']:.3f} | {r['ece']:.4f} | {bpt} | {ids} | "
+        lines.append(f"| {arm} | {r['seeds']} | {r['perplexity']:.3f} ± {r['spread']:.3f} | {r['ece']:.4f} | {bpt} | {ids} | "
                      f"{r['tokens_per_s']:.0f} | {rec} |")
     return "\n".join(lines)
 
