@@ -134,7 +134,7 @@ def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_jso
 @click.option("--steps", default=400, show_default=True, help="Optimizer steps per student.")
 @click.option("--max-docs", default=60, show_default=True, help="Training documents to cache.")
 @click.option("--student", default="llama-small", show_default=True, help="Student preset, config or path.")
-@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps.")
+@click.option("--eval-every", default=100, show_default=True, help="Held-out evaluation every N steps.")
 @click.option("--eval-rows", type=int, default=None, help="Evaluate on at most this many held-out rows.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo_command(out, steps, max_docs, student, eval_every, eval_rows, no_progress):

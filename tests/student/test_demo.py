@@ -29,6 +29,9 @@ def test_demo_writes_a_verified_cache_students_a_table_and_a_plot(tmp_path):
     # the teacher is far better than students trained for 6 steps; the table shows what results.json holds
     assert rows["teacher"]["perplexity"] < rows["student-kd"]["perplexity"]
     assert rows["student-kd"]["cache_bytes_per_token"] > 0
+    # the whole job's wall time covers the build and both trainings (the table's parts), evaluation on top
+    assert results["total_wall_seconds"] >= sum(r["wall_seconds"] for r in rows.values()) - 0.5
+    assert f"the whole job: {results['total_wall_seconds'] / 60:.1f} minutes" in result.output
     table = (out / "results.md").read_text()
     assert f"{rows['teacher']['perplexity']:.2f}" in table and table in result.output + "\n"
     png = (out / "loss_curves.png").read_bytes()
