@@ -71,7 +71,7 @@ def test_hf_export_is_the_decoded_cache(demo_cache, doc_rows, tmp_path):
         np.testing.assert_allclose(row["label_logprob"], ref["label_logprob"], atol=1e-6)
 
 
-def test_a_shard_opens_with_pyarrow_alone_and_with_datasets(demo_cache):
+def test_a_shard_opens_with_pyarrow_alone_and_with_datasets(demo_cache, tmp_path):
     import datasets
 
     cache = Cache.open(demo_cache)
@@ -87,3 +87,8 @@ def test_a_shard_opens_with_pyarrow_alone_and_with_datasets(demo_cache):
     # *files* (with a footer, for random access to record batches), so it refuses them: see docs/FORMAT.md
     with pytest.raises(pa.ArrowInvalid):
         datasets.Dataset.from_file(path)
+    # load_dataset's "arrow" builder falls back to the IPC file reader: shards load as they are
+    loaded = datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.column_names == table.column_names and loaded.num_rows == table.num_rows
+    for name in (S.INPUT_IDS, S.TARGET_SIZES, S.REST_MASS):
+        assert loaded[name] == table.column(name).to_pylist()
