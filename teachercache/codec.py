@@ -395,10 +395,9 @@ def encode_targets_reference(row_positions, target_offsets, ids, logprobs, count
 @numba.njit(nogil=True, cache=True)
 def _decode_kernel(sizes, row_positions, cur_tok, prev_tok, id_stream, id_offsets, val_stream, val_offsets,
                    ref_stream, ref_offsets, cnt_stream, cnt_offsets, has_counts, lut, id_bytes, vocab_size,
-                   target_offsets, out_ids, out_lp, out_counts, last_by_token, pair_keys, pair_pos,
-                   codes, refs):
-    """Positions in order; per position two passes: the varints into ``codes`` (a tie stored as
-    -code-1) and ``refs``, then ids from references or byte planes."""
+                   target_offsets, out_ids, out_lp, out_counts, last_by_token, pair_keys, pair_pos):
+    """Positions in order, entries in one pass: the position's reference comes from the contexts alone,
+    so each entry's value varint, ref varint and (for a miss) id symbol are read and resolved together."""
     max_code = len(lut) - 1
     for b in range(len(row_positions) - 1):
         ib, n_id_bytes = id_offsets[b], id_offsets[b + 1] - id_offsets[b]
@@ -413,9 +412,14 @@ def _decode_kernel(sizes, row_positions, cur_tok, prev_tok, id_stream, id_offset
             cur, prev = cur_tok[p], prev_tok[p]
             if cur < 0 or cur >= vocab_size or prev < -1 or prev >= vocab_size:
                 return 6, b
+            r, slot, key = _reference(cur, prev, last_by_token, pair_keys, pair_pos)
+            r_start = target_offsets[r] if r >= 0 else 0
+            r_n = target_offsets[r + 1] - r_start if r >= 0 else 0
+            e = target_offsets[p]
             n = np.int64(sizes[p])
             c = np.int64(0)
-            for j in range(n):  # pass 1: varints
+            prev_id = np.int64(-1)
+            for j in range(n):
                 d = np.int64(val_stream[v]) if v < v_end else np.int64(0x80)
                 if d < 0x80:  # the common one-byte varint
                     v += 1
@@ -424,7 +428,8 @@ def _decode_kernel(sizes, row_positions, cur_tok, prev_tok, id_stream, id_offset
                     if v < 0:
                         return 13, b
                 c += d
-                codes[j] = -c - 1 if (j > 0 and d == 0) else c
+                if c > max_code:
+                    return 14, b
                 s = np.int64(ref_stream[rp]) if rp < r_end else np.int64(0x80)
                 if s < 0x80:
                     rp += 1
@@ -432,18 +437,8 @@ def _decode_kernel(sizes, row_positions, cur_tok, prev_tok, id_stream, id_offset
                     s, rp = _get_varint(ref_stream, rp, r_end)
                     if rp < 0:
                         return 13, b
-                refs[j] = s
-            if c > max_code:  # codes only grow within a position
-                return 14, b
-            r, slot, key = _reference(cur, prev, last_by_token, pair_keys, pair_pos)
-            r_start = target_offsets[r] if r >= 0 else 0
-            r_n = target_offsets[r + 1] - r_start if r >= 0 else 0
-            e = target_offsets[p]
-            prev_id = np.int64(-1)
-            for j in range(n):  # pass 2: ids and log-probs
-                code = codes[j]
-                if refs[j] > 0:
-                    m = j + _unzigzag(refs[j] - 1)
+                if s > 0:  # a hit: the id at index j + delta of the reference's list
+                    m = j + _unzigzag(s - 1)
                     if m < 0 or m >= r_n:
                         return 19, b
                     t = np.int64(out_ids[r_start + m])
@@ -456,11 +451,11 @@ def _decode_kernel(sizes, row_positions, cur_tok, prev_tok, id_stream, id_offset
                     if id_bytes >= 3:
                         sym |= np.int64(id_stream[ib + 2 * n_miss + miss]) << 16
                     miss += 1
-                    t = prev_id + 1 + sym if code < 0 else sym
+                    t = prev_id + 1 + sym if (j > 0 and d == 0) else sym  # a tie stores the id gap
                     if t >= vocab_size:
                         return 18, b
                 out_ids[e + j] = t
-                out_lp[e + j] = lut[code if code >= 0 else -code - 1]
+                out_lp[e + j] = lut[c]
                 prev_id = t
             if has_counts:
                 for j in range(n):
@@ -506,7 +501,7 @@ def decode_targets(sizes, row_positions, contexts, streams: TargetStreams, layou
         sizes, row_positions, cur, prev, streams.ids, pairs[0][0], streams.values, pairs[1][0],
         streams.refs, pairs[2][0], streams.counts, pairs[3][0], layout.sampled, logprob_table(layout.quantizer), layout.id_bytes,
         layout.vocab_size, target_offsets, out_ids, out_lp, out_counts,
-        *_context_tables(layout.vocab_size, len(sizes)), np.empty(65536, np.int32), np.empty(65536, np.int32))
+        *_context_tables(layout.vocab_size, len(sizes)))
     if status != _OK:
         raise CacheCorruptError(where, f"row {row} of the batch: {_STATUS_TEXT[status]}",
                                 "the shard is damaged; run `teachercache verify` and rebuild it")
