@@ -12,6 +12,8 @@ the live teacher), evaluated on the held-out split data/corpus/valid.parquet:
     nucleus         nucleus top_p 0.95 (min 1, max 64), rest bucket
     sampled         64 draws per position (RS-KD), sampled cross-entropy
     sampled-hint    sampled + hint loss (MSE) from teacher layer 2 to student layer 2
+    sampled16       16 draws per position: fewer bytes, more variance
+    top64-renorm-ce top-64 renormalised, mixed half and half with CE (the KD arms above use KD alone)
     online          full online KD: forward KL to the live teacher's full distribution
 
 Reports per arm: held-out perplexity (mean ± half the spread over seeds), ECE, cache bytes per token,
@@ -47,6 +49,7 @@ CACHES = {
     "top64": dict(kind="topk", k=64),
     "nucleus": dict(kind="nucleus", top_p=0.95, min_k=1, max_k=64),
     "sampled": dict(kind="sample", samples=64, seed=0),
+    "sampled16": dict(kind="sample", samples=16, seed=0),
 }
 ARMS = {
     "ce": dict(cache="top8", ce_alpha=1.0, kd_alpha=0.0),
@@ -57,6 +60,8 @@ ARMS = {
     "nucleus": dict(cache="nucleus", tail="rest"),
     "sampled": dict(cache="sampled"),
     "sampled-hint": dict(cache="sampled", hint_layers="2:2", hint_alpha=0.1),
+    "sampled16": dict(cache="sampled16"),
+    "top64-renorm-ce": dict(cache="top64", tail="renormalize", ce_alpha=0.5, kd_alpha=0.5),
     "online": dict(cache="top8", online_teacher=str(TEACHER)),
 }
 
