@@ -151,6 +151,38 @@ def timed_run(args, marker: Path) -> tuple[float, float]:
     return time.time() - t0, pass_start or 0.0
 
 
+def kill_campaign(work: Path, name: str, args_for, marker: str, duration: float, rounds, phase_of, check,
+                  rng: random.Random, report: dict) -> None:
+    """Kill runs of ``args_for(out)`` at random moments, resume each with ``--resume`` and ``check`` it.
+
+    ``rounds``: (label, count, lo) — ``count`` kills landed at moments uniform over [lo, duration), timed
+    from when the run's ``marker`` file appears if lo > 0 (else from its start); a run that finishes before
+    its kill is not counted and another moment is drawn. ``phase_of(out)`` names what the run was doing;
+    ``check(out, phase, proc)`` judges the resumed run: (ok, text to print, why it failed). Per label the
+    report gets the kills landed, how many were identical, the phases and the failures."""
+    for label, count, lo in rounds:
+        phases, failures, landed, attempts = Counter(), [], 0, 0
+        while landed < count and attempts < 3 * count:
+            attempts += 1
+            out = work / f"{name}-kill-{label}-{attempts}"
+            moment = rng.uniform(lo, duration)
+            if not kill_at(args_for(out), moment - lo, after=(out / marker) if lo else None):
+                shutil.rmtree(out, ignore_errors=True)
+                continue  # finished before the kill: not counted, draw again
+            landed += 1
+            phase = phase_of(out)
+            phases[phase] += 1
+            ok, shown, why = check(out, phase, run(args_for(out) + ["--resume"]))
+            if not ok:
+                failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
+            print(f"[{name}] {label[:-1].replace('_', ' ')} {landed:2d} at {moment:5.2f} s ({phase}): {shown}")
+            shutil.rmtree(out, ignore_errors=True)
+        report[label] = landed
+        report[f"{label}_identical"] = landed - len(failures)
+        report[f"{label}_phases"] = dict(phases)
+        report[f"{label}_failures"] = failures
+
+
 def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) -> dict:
     """``n`` kills at moments uniform over the whole uninterrupted build, then ``n_pass`` uniform over its
     pass alone (from tokenizer/ being written to the exit, timed from when the killed build itself wrote
@@ -162,31 +194,16 @@ def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) 
           f"{len(shard_table(ref))} shards")
     out_report = {"uninterrupted_seconds": round(duration, 1), "pass_start_seconds": round(pass_start, 1),
                   "reference": str(ref)}
-    for label, count, lo in (("kills", n, 0.0), ("pass_kills", n_pass, pass_start)):
-        phases, failures, landed, attempts = Counter(), [], 0, 0
-        while landed < count and attempts < 3 * count:
-            attempts += 1
-            out = work / f"build-kill-{label}-{attempts}"
-            moment = rng.uniform(lo, duration)
-            if not kill_at(build_args(out, docs), moment - lo, after=(out / "tokenizer") if lo else None):
-                shutil.rmtree(out, ignore_errors=True)
-                continue  # finished before the kill: not counted, draw again
-            landed += 1
-            phase = build_phase(out)
-            phases[phase] += 1
-            proc = run(build_args(out, docs) + ["--resume"])
-            ok, why = (proc.returncode == 0, proc.stderr[-300:]) if proc.returncode else same_cache(out, ref)
-            if phase.startswith("after the manifest"):  # already complete: --resume refuses, the cache stands
-                ok, why = same_cache(out, ref)
-            if not ok:
-                failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
-            print(f"[build] {label[:-1].replace('_', ' ')} {landed:2d} at {moment:5.2f} s ({phase}): "
-                  f"{'identical' if ok else 'FAILED ' + why}")
-            shutil.rmtree(out, ignore_errors=True)
-        out_report[label] = landed
-        out_report[f"{label}_identical"] = landed - len(failures)
-        out_report[f"{label}_phases"] = dict(phases)
-        out_report[f"{label}_failures"] = failures
+
+    def check(out, phase, proc):
+        if proc.returncode and not phase.startswith("after the manifest"):
+            ok, why = False, proc.stderr[-300:]
+        else:  # after the manifest the build was complete: --resume refuses, and the cache must stand
+            ok, why = same_cache(out, ref)
+        return ok, "identical" if ok else "FAILED " + why, why
+
+    kill_campaign(work, "build", lambda out: build_args(out, docs), "tokenizer", duration,
+                  (("kills", n, 0.0), ("pass_kills", n_pass, pass_start)), build_phase, check, rng, out_report)
     out_report["identical"] = out_report["kills_identical"]
     out_report["failures"] = out_report["kills_failures"] + out_report["pass_kills_failures"]
     return out_report
@@ -225,33 +242,16 @@ def train_kills(work: Path, cache: Path, n: int, n_loop: int, steps: int, rng: r
           "a checkpoint every 2")
     report = {"uninterrupted_seconds": round(duration, 1), "loop_start_seconds": round(loop_start, 1)}
     diffs = []
-    for label, count, lo in (("kills", n, 0.0), ("loop_kills", n_loop, loop_start)):
-        phases, failures, landed, attempts = Counter(), [], 0, 0
-        while landed < count and attempts < 3 * count:
-            attempts += 1
-            out = work / f"train-kill-{label}-{attempts}"
-            moment = rng.uniform(lo, duration)
-            if not kill_at(train_args(cache, out, steps), moment - lo, after=(out / "metrics.jsonl") if lo else None):
-                shutil.rmtree(out, ignore_errors=True)
-                continue
-            landed += 1
-            phase = train_phase(out)
-            phases[phase] += 1
-            proc = run(train_args(cache, out, steps) + ["--resume"])
-            if proc.returncode != 0:
-                ok, why = False, proc.stderr[-300:]
-            else:
-                diff = max_abs_diff(out / "model.safetensors", ref / "model.safetensors")
-                ok, why = diff <= 1e-6, f"max |diff| {diff:.3g}"
-                diffs.append(diff)
-            if not ok:
-                failures.append({"moment": round(moment, 2), "phase": phase, "why": why})
-            print(f"[train] {label[:-1].replace('_', ' ')} {landed:2d} at {moment:5.2f} s ({phase}): {why}")
-            shutil.rmtree(out, ignore_errors=True)
-        report[label] = landed
-        report[f"{label}_identical"] = landed - len(failures)
-        report[f"{label}_phases"] = dict(phases)
-        report[f"{label}_failures"] = failures
+
+    def check(out, phase, proc):
+        if proc.returncode != 0:
+            return False, proc.stderr[-300:], proc.stderr[-300:]
+        diff = max_abs_diff(out / "model.safetensors", ref / "model.safetensors")
+        diffs.append(diff)
+        return diff <= 1e-6, f"max |diff| {diff:.3g}", f"max |diff| {diff:.3g}"
+
+    kill_campaign(work, "train", lambda out: train_args(cache, out, steps), "metrics.jsonl", duration,
+                  (("kills", n, 0.0), ("loop_kills", n_loop, loop_start)), train_phase, check, rng, report)
     report["identical"] = report["kills_identical"]
     report["failures"] = report["kills_failures"] + report["loop_kills_failures"]
     report["max_abs_diff"] = max(diffs) if diffs else None
