@@ -590,8 +590,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     run logged after its last checkpoint are run again and logged again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    kept = [line for line in path.read_text().splitlines() if (logged := _step_of(line)) is not None and logged <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
