@@ -36,7 +36,7 @@ from teachercache.kernels import LOSSES, TAILS
 @click.option("--kd-loss", type=click.Choice(LOSSES), default=None,
               help="KD loss [default: sampled_ce for sampled caches, else forward_kl].")
 @click.option("--tail", type=click.Choice(TAILS), default="rest", show_default=True,
-              help="rest: a (k+1)-th bucket for the unstored mass; renormalize: both sides over the stored ids.")
+              help="rest: a (k+1)-th bucket for the unstored mass; renormalize: the teacher's stored mass scaled to 1 (Axolotl's loss).")
 @click.option("--temperature", default=1.0, show_default=True, help="KD temperature (loss scaled by T²).")
 @click.option("--beta", default=0.5, show_default=True, help="jsd: mixture weight.")
 @click.option("--skew-alpha", default=0.1, show_default=True, help="skew_kl / skew_reverse_kl: α.")

@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -203,12 +202,6 @@ def kd_config(options: TrainOptions, sampled: bool) -> KDConfig:
                           alpha=options.skew_alpha, ce_weight=options.ce_alpha, kd_weight=options.kd_alpha)
     except ValueError as e:  # --temperature, --beta, --skew-alpha out of range
         raise TrainError(f"KD options: {e} (see teachercache train --help)") from None
-    if options.tail == "renormalize" and options.kd_alpha > 0 and options.ce_alpha == 0 and loss != "sampled_ce":
-        # the renormalised loss only sees the student's distribution *within* the stored ids: nothing
-        # tells the student how much mass they should get (BENCHMARKS.md, study: ppl 394-1340 vs CE's 102)
-        warnings.warn("--tail renormalize with --ce-alpha 0: no loss term sets the student's mass on the "
-                      "stored ids, and students trained so are far worse than CE alone (BENCHMARKS.md, "
-                      "study); add --ce-alpha (e.g. 0.5) or use --tail rest", UserWarning, stacklevel=2)
     return config
 
 

@@ -10,8 +10,11 @@ distributions over buckets, chosen by the tail policy:
 * ``rest`` (default): k+1 buckets, the stored ids plus one bucket for everything else. Teacher
   (p_j, r) / (sum_S p_j + r); student (q_j, q_rest) with q_rest = sum over ids outside S of q_v (summed
   exactly, not as 1 - sum_S q_j). Megatron's "ghost token", TRL's tail term.
-* ``renormalize``: k buckets, both sides renormalised over S: p_j / sum_S p, q_j / sum_S q (Axolotl's
-  and DistillKit's default). A position whose stored teacher mass is 0 contributes nothing.
+* ``renormalize``: the same k+1 buckets, but the teacher's stored probabilities are renormalised to 1,
+  p_j / sum_S p, and its rest bucket is empty; the student keeps its full-vocabulary (q_j, q_rest).
+  For forward KL this is sum_S p_j/sum_S p * (log(p_j/sum_S p) - log q_j): Axolotl's KD loss and
+  DistillKit's "zero" policy. It pushes the student's mass onto the stored ids (nothing outside S is
+  learnt). A position whose stored teacher mass is 0 contributes nothing.
 
 Losses over the buckets b (p: teacher, q: student):
 
@@ -268,25 +271,21 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                 for j in range(k):
                     p[j] = math.exp(np.float64(logprobs[start + j]))  # float64 exp, not float32
                     q[j] = g[ids[start + j]]
-                nb = k
-                rest_sum = 0.0
-                if renorm:
-                    denom_q = sum_s
-                else:
-                    p[k] = max(rest[i], 0.0)
-                    rest_sum = sum_t - sum_s
-                    if rest_sum < 1e-4 * sum_t:  # cancellation: sum the ids outside S directly
-                        for j in range(k):
-                            g[ids[start + j]] = -g[ids[start + j]]
-                        rest_sum = 0.0
-                        for v in range(vocab):
-                            if g[v] > 0.0:
-                                rest_sum += g[v]
-                        for j in range(k):
-                            g[ids[start + j]] = -g[ids[start + j]]
-                    q[k] = rest_sum
-                    nb = k + 1
-                    denom_q = sum_t
+                # renormalize: the teacher's rest bucket is empty, so its stored mass is renormalised to 1
+                p[k] = 0.0 if renorm else max(rest[i], 0.0)
+                rest_sum = sum_t - sum_s
+                if rest_sum < 1e-4 * sum_t:  # cancellation: sum the ids outside S directly
+                    for j in range(k):
+                        g[ids[start + j]] = -g[ids[start + j]]
+                    rest_sum = 0.0
+                    for v in range(vocab):
+                        if g[v] > 0.0:
+                            rest_sum += g[v]
+                    for j in range(k):
+                        g[ids[start + j]] = -g[ids[start + j]]
+                q[k] = rest_sum
+                nb = k + 1
+                denom_q = sum_t
                 # teacher buckets: normalise (re-tempered when T != 1); skip a position with no mass
                 denom_p = 0.0
                 for b in range(nb):
@@ -302,8 +301,7 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                         gbar += a[b]
                     for j in range(k):
                         q_s[j] = q[j]
-                    if not renorm:
-                        c_out = (a[k] / rest_sum if rest_sum > 0.0 else 0.0) - gbar / sum_t
+                    c_out = (a[k] / rest_sum if rest_sum > 0.0 else 0.0) - gbar / sum_t
                 else:
                     coef = 0.0
         # corrections at the stored ids, taken before the final sweep overwrites the exponentials
@@ -427,12 +425,15 @@ def sparse_kd_reference(logits: torch.Tensor, targets: SparseTargets, labels: to
         kd = -(torch.where(valid, wts * logq, 0.0)).sum(-1)
     else:
         p = torch.where(valid, logp.exp(), 0.0)
+        outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
+        outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
+        q_rest = torch.where(outside, logq_all, -math.inf).logsumexp(-1).exp().to(torch.float64)
         if config.tail == "rest":
-            outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
-            outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
-            q_rest = torch.where(outside, logq_all, -math.inf).logsumexp(-1).exp().to(torch.float64)
-            p = torch.cat([p, targets.rest.to(torch.float64).clamp_min(0)[:, None]], 1)
-            q = torch.cat([q, q_rest[:, None]], 1)
+            p_rest = targets.rest.to(torch.float64).clamp_min(0)
+        else:  # renormalize: an empty teacher rest bucket, the stored mass renormalised to 1 below
+            p_rest = torch.zeros(n, dtype=torch.float64, device=z.device)
+        p = torch.cat([p, p_rest[:, None]], 1)
+        q = torch.cat([q, q_rest[:, None]], 1)
         if t != 1.0:
             p = torch.where(p > 0, p.clamp_min(1e-300) ** (1.0 / t), 0.0)
         p_mass, q_mass = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)

@@ -172,17 +172,3 @@ def test_online_teacher_baseline_runs_the_same_loop(caches, tmp_path):
     assert len(rows) == 3 and all(r["kd"] > 0 for r in rows)
     with pytest.raises(TrainError, match="forward_kl"):
         train(replace(_options(caches, tmp_path / "o2", steps=1, online_teacher=str(TEACHER)), kd_loss="tvd"))
-
-
-def test_renormalised_kd_without_ce_warns_and_the_other_mixes_do_not(recwarn):
-    from student.train import kd_config
-
-    base = TrainOptions(cache="c", student="llama-tiny", out="o", tail="renormalize", ce_alpha=0.0, kd_alpha=1.0)
-    with pytest.warns(UserWarning, match="--tail renormalize with --ce-alpha 0"):
-        config = kd_config(base, sampled=False)
-    assert (config.tail, config.ce_weight, config.kd_weight) == ("renormalize", 0.0, 1.0)
-    recwarn.clear()
-    for options, sampled in ((replace(base, ce_alpha=0.5), False), (replace(base, tail="rest"), False),
-                             (replace(base, kd_alpha=0.0, ce_alpha=1.0), False), (base, True)):
-        kd_config(options, sampled=sampled)
-    assert [str(w.message) for w in recwarn] == []

@@ -77,13 +77,12 @@ def dense_reference(logits, targets, labels, weights, cfg: KDConfig):
             p_dense = torch.zeros(vocab, dtype=torch.float64)
             p_dense[s] = targets.logprobs[a:b].double().exp()
             q_dense = logq.exp()
-            if cfg.tail == "rest":
-                inside = torch.zeros(vocab, dtype=torch.bool)
-                inside[s] = True
-                p = torch.cat([p_dense[s], targets.rest[i:i + 1].double().clamp_min(0)])
-                q = torch.cat([q_dense[s], q_dense[~inside].sum()[None]])
-            else:
-                p, q = p_dense[s], q_dense[s]
+            inside = torch.zeros(vocab, dtype=torch.bool)
+            inside[s] = True
+            # renormalize: the teacher puts nothing in the rest bucket (its stored mass is scaled to 1)
+            rest = targets.rest[i:i + 1].double().clamp_min(0) if cfg.tail == "rest" else torch.zeros(1).double()
+            p = torch.cat([p_dense[s], rest])
+            q = torch.cat([q_dense[s], q_dense[~inside].sum()[None]])
             p = p ** (1 / t)
             if p.sum() == 0:
                 kd = z.sum() * 0
@@ -167,6 +166,26 @@ def test_hand_worked_forward_kl():
     want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert kd[0].item() == pytest.approx(want, abs=1e-7)
     assert total.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_renormalised_forward_kl_is_axolotls_loss():
+    # Axolotl's top-k KD loss: teacher log-probs renormalised over the stored ids, the student's
+    # log-probs over its whole vocabulary gathered at them: sum p~ (log p~ - log_softmax(z)[ids])
+    logits, targets, labels, weights = make_case(4, n=12, vocab=41, max_k=7)
+    z_ref = logits.double().requires_grad_(True)
+    want = 0.0
+    for i in range(12):
+        a, b = int(targets.offsets[i]), int(targets.offsets[i + 1])
+        if b == a:
+            continue
+        lp = targets.logprobs[a:b].double()
+        lp = lp - torch.logsumexp(lp, 0)
+        want = want + weights[i] * (lp.exp() * (lp - torch.log_softmax(z_ref[i], -1)[targets.ids[a:b]])).sum()
+    want.backward()
+    for backend in ("numba", "torch"):
+        total, grad = kernel_run(logits, targets, labels, weights, KDConfig(tail="renormalize"), backend)
+        torch.testing.assert_close(total, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, z_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_ce_only_equals_cross_entropy_and_masked_positions_count_zero():
