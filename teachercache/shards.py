@@ -1,9 +1,14 @@
-"""Shard files: one Arrow IPC file of encoded rows each.
+"""Shard files: one Arrow IPC stream of encoded rows each.
+
+Shards use Arrow's IPC *stream* format (the one ``datasets.Dataset.from_file`` and every Arrow reader
+open), not the IPC *file* format: a file's footer only indexes the record batches, and a reader builds
+that index itself by walking the stream's message headers once, without decompressing anything.
+Readers still open IPC *file* shards, which this repository wrote until 2026-11-29 (docs/FORMAT.md).
 
 A ShardWriter writes to a temporary name beside the final one (``NAME.partial-PID``), and only when it
 is closed without an error does it flush, fsync, rename to the final name and fsync the directory. A
 writer that dies leaves at most a ``.partial-`` file, which no reader opens: the manifest never names it,
-and an IPC file cut short has no footer, so even opened by hand it is refused.
+and a stream cut short lacks the end-of-stream marker, so even opened by hand it is refused.
 
 A ShardReader memory-maps a shard and reads only the columns asked for (Arrow's ``included_fields``):
 a logits-only student never touches, or decompresses, the hidden-state columns.
@@ -105,7 +110,7 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._sink = pa.OSFile(str(self.tmp_path), "wb")
-        self._writer = ipc.new_file(self._sink, self.layout.schema(), options=self._options)
+        self._writer = ipc.new_stream(self._sink, self.layout.schema(), options=self._options)
         return self
 
     @property
@@ -131,7 +136,7 @@ class ShardWriter:
                 self._writer.close()
             finally:
                 self._sink.close()
-        except Exception:  # e.g. a full disk when the footer is written
+        except Exception:  # e.g. a full disk when the end-of-stream marker is written
             self.tmp_path.unlink(missing_ok=True)
             if exc_type is None:
                 raise
@@ -144,8 +149,17 @@ class ShardWriter:
                               bytes=self.path.stat().st_size, sha256=file_sha256(self.path), **self._counts)
 
 
+_FILE_MAGIC = b"ARROW1"
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 class ShardReader:
-    """Memory-mapped reader of one shard, for a chosen set of columns (default: all of the layout's)."""
+    """Memory-mapped reader of one shard, for a chosen set of columns (default: all of the layout's).
+
+    Random access by record batch: opening walks the stream's message headers once (zero-copy views of
+    the mapped file); reading batch i hands Arrow's stream reader that batch's message behind the
+    schema's, so only the asked-for columns are decompressed.
+    """
 
     def __init__(self, path: str | os.PathLike, layout: S.Layout, columns: Sequence[str] | None = None):
         self.path = Path(path)
@@ -153,16 +167,16 @@ class ShardReader:
         where = str(self.path)
         if self.path.exists() and not self.path.is_file():  # a FIFO would block the open below forever
             raise CacheCorruptError(where, f"is not a regular file ({file_kind(self.path)})",
-                                    "a shard must be an Arrow IPC file; restore it or rebuild the cache")
+                                    "a shard must be an Arrow IPC stream file; restore it or rebuild the cache")
         try:
             self._map = pa.memory_map(where, "r")
-            schema = ipc.open_file(self._map).schema
         except FileNotFoundError:
             raise CacheCorruptError(where, "the shard file is missing") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-            raise CacheCorruptError(where, f"not a readable Arrow IPC file ({e})",
+            raise CacheCorruptError(where, f"not a readable Arrow IPC shard ({e})",
                                     "the shard is truncated or damaged; rebuild it") from None
         try:
+            schema = self._index()
             check_schema(schema, layout, where)
             wanted = list(columns) if columns is not None else layout.columns()
             if any(c in S.TARGET_STREAMS for c in wanted):  # decoding targets needs all of these
@@ -171,22 +185,64 @@ class ShardReader:
             if missing:
                 raise CacheFormatError(where, f"columns {missing} are not in this shard",
                                        f"it has {schema.names}")
-        except CacheFormatError:
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            self._map.close()
+            raise CacheCorruptError(where, f"not a readable Arrow IPC shard ({e})",
+                                    "the shard is truncated or damaged; rebuild it") from None
+        except (CacheCorruptError, CacheFormatError):
             self._map.close()
             raise
         # use_threads=False: callers parallelise by batch; for one batch the pool only adds overhead
-        options = ipc.IpcReadOptions(use_threads=False,
-                                     included_fields=sorted(schema.get_field_index(c) for c in wanted))
-        self._reader = ipc.open_file(self._map, options=options)
+        self._options = ipc.IpcReadOptions(use_threads=False,
+                                           included_fields=sorted(schema.get_field_index(c) for c in wanted))
+        if self._file is not None:
+            self._file = ipc.open_file(self._map, options=self._options)
         self.columns = wanted
+
+    def _index(self) -> pa.Schema:
+        """Read the schema and find every record batch; returns the schema."""
+        self._file = None
+        if self._map.read(len(_FILE_MAGIC)) == _FILE_MAGIC:  # an IPC file shard (written until 2026-11-29)
+            self._map.seek(0)
+            self._file = ipc.open_file(self._map)
+            return self._file.schema
+        size = self._map.size()
+        self._map.seek(max(0, size - len(_END_OF_STREAM)))
+        if self._map.read() != _END_OF_STREAM:
+            raise CacheCorruptError(self.path, "the Arrow IPC stream has no end-of-stream marker",
+                                    "the shard was cut short; rebuild it")
+        self._map.seek(0)
+        messages = ipc.MessageReader.open_stream(self._map)
+        try:
+            head = messages.read_next_message()
+        except StopIteration:
+            head = None
+        if head is None or head.type != "schema":
+            what = "no message" if head is None else f"a {head.type!r} message"
+            raise CacheCorruptError(self.path, f"the stream starts with {what}, not the schema",
+                                    "the shard is damaged; rebuild it")
+        self._schema_message = head.serialize()
+        self._batches = []
+        for message in messages:
+            if message.type != "record batch":
+                raise CacheCorruptError(self.path, f"unexpected {message.type!r} message in the stream",
+                                        "a shard holds record batches only; rebuild it")
+            self._batches.append(message)
+        return ipc.read_schema(head)
 
     @property
     def num_batches(self) -> int:
-        return self._reader.num_record_batches
+        return self._file.num_record_batches if self._file is not None else len(self._batches)
 
     def read_record_batch(self, i: int) -> pa.RecordBatch:
         try:
-            record = self._reader.get_batch(i)
+            if self._file is not None:
+                record = self._file.get_batch(i)
+            else:
+                sink = pa.BufferOutputStream()
+                sink.write(self._schema_message)
+                self._batches[i].serialize_to(sink)
+                record = ipc.open_stream(sink.getvalue(), options=self._options).read_next_batch()
             record.validate()
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
             raise CacheCorruptError(self.path, f"record batch {i} does not read ({e})",
@@ -202,6 +258,7 @@ class ShardReader:
             yield self.read_batch(i)
 
     def close(self) -> None:
+        self._file = self._batches = None
         self._map.close()
 
     def __enter__(self) -> "ShardReader":

@@ -184,9 +184,9 @@ def prepare(tmp: Path) -> None:
 
     raw = json.loads((tmp / "newer-shard" / "manifest.json").read_text())
     p = tmp / "newer-shard" / raw["shards"][0]["file"]
-    table = ipc.open_file(pa.memory_map(str(p))).read_all()
+    table = ipc.open_stream(pa.memory_map(str(p))).read_all()
     table = table.replace_schema_metadata({**table.schema.metadata, b"teachercache.format_version": b"2"})
-    with ipc.new_file(str(p), table.schema) as writer:
+    with ipc.new_stream(str(p), table.schema) as writer:
         writer.write_table(table)
     raw["shards"][0].update(sha256=hashlib.sha256(p.read_bytes()).hexdigest(), bytes=p.stat().st_size)
     raw["totals"]["bytes"] = sum(s["bytes"] for s in raw["shards"])

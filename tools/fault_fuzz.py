@@ -190,12 +190,12 @@ class Pool:
 
 
 def ipc_messages(data: bytes) -> list[tuple[int, int, int, str]]:
-    """(start, metadata length, body length, type) of each message of an Arrow IPC file."""
+    """(start, metadata length, body length, type) of each message of an Arrow IPC stream (or file)."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
     reader = pa.BufferReader(pa.py_buffer(data))
-    reader.seek(8)
+    reader.seek(8 if data[:6] == b"ARROW1" else 0)
     out = []
     while True:
         start = reader.tell()
@@ -288,13 +288,17 @@ def m_wrong_type(case, rng, shards):
     return "wrong file type", [p], what
 
 
-def m_footer_length(case, rng, shards):
+def m_stream_end(case, rng, shards):
+    """The 8-byte end-of-stream marker (continuation 0xFFFFFFFF + length 0): cut off, or given a length."""
     p = _shard(case, rng, shards)
     data = bytearray(p.read_bytes())
-    value = rng.choice(HUGE + [len(data), len(data) - 9, 0])
-    _put_int(data, len(data) - 10, "<i", value)
+    if rng.random() < 0.3:
+        p.write_bytes(bytes(data[:-8]))
+        return "end of stream", [p], "end-of-stream marker cut off"
+    value = rng.choice(HUGE + [8, len(data)])
+    _put_int(data, len(data) - 4, "<i", value)
     p.write_bytes(bytes(data))
-    return "huge length: footer", [p], f"footer length {value}"
+    return "end of stream", [p], f"end-of-stream length {value}"
 
 
 def m_message_length(case, rng, shards):
@@ -337,26 +341,8 @@ def m_zstd_length(case, rng, shards):
     return "huge length: buffer", [p], f"uncompressed length {old} -> {value}"
 
 
-def m_footer_block(case, rng, shards):
-    """A record batch's Block (offset, metadata length, body length) in the file footer."""
-    p = _shard(case, rng, shards)
-    data = bytearray(p.read_bytes())
-    footer_len = struct.unpack_from("<i", data, len(data) - 10)[0]
-    lo = len(data) - 10 - footer_len
-    starts = {m[0]: m for m in ipc_messages(bytes(data)) if m[3] == "record batch"}
-    found = [a for a in range(lo, len(data) - 18, 4) if struct.unpack_from("<q", data, a)[0] in starts]
-    at = rng.choice(found)
-    field = rng.choice([0, 8, 16])
-    fmt = "<i" if field == 8 else "<q"
-    value = rng.choice(HUGE + [7, len(data)])
-    _put_int(data, at + field, fmt, value)
-    p.write_bytes(bytes(data))
-    return "huge length: footer block", [p], f"block field +{field} -> {value}"
-
-
 def m_schema_metadata(case, rng, shards):
-    """An equal-length edit of the schema metadata (format version, layout JSON), in both copies of the
-    schema (the stream's and the footer's)."""
+    """An equal-length edit of the schema metadata (format version, layout JSON)."""
     p = _shard(case, rng, shards)
     data = p.read_bytes()
     old, new = rng.choice([(b'"vocab_size": 8192', b'"vocab_size": 9999'), (b'"vocab_size": 8192', b'"vocab_size": 0001'),
@@ -370,8 +356,8 @@ def m_schema_metadata(case, rng, shards):
 
 
 SHARD_MUTATIONS = [m_flip, m_flip, m_truncate, m_zero_page, m_garbage_tail, m_swap, m_wrong_type,
-                   m_footer_length, m_message_length, m_metadata_int, m_metadata_int, m_zstd_length,
-                   m_zstd_length, m_footer_block, m_schema_metadata]
+                   m_stream_end, m_message_length, m_metadata_int, m_metadata_int, m_zstd_length,
+                   m_zstd_length, m_schema_metadata]
 
 
 def _json_paths(obj, prefix=()):

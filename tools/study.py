@@ -6,14 +6,14 @@ the live teacher), evaluated on the held-out split data/corpus/valid.parquet:
 
     ce              CE only (no teacher)
     top8-rest       top-8,  forward KL with the rest bucket
-    top8-renorm     top-8,  forward KL renormalised over the stored ids
+    top8-renorm     top-8,  forward KL to the teacher renormalised over the stored ids (Axolotl's loss)
     top64-rest      top-64, rest bucket
     top64-renorm    top-64, renormalised
     nucleus         nucleus top_p 0.95 (min 1, max 64), rest bucket
     sampled         64 draws per position (RS-KD), sampled cross-entropy
     sampled-hint    sampled + hint loss (MSE) from teacher layer 2 to student layer 2
     sampled16       16 draws per position: fewer bytes, more variance
-    top64-renorm-ce top-64 renormalised, mixed half and half with CE (the KD arms above use KD alone)
+    top64-renorm-ce top-64 renormalised, mixed half and half with CE (the other KD arms use KD alone)
     online          full online KD: forward KL to the live teacher's full distribution
 
 Reports per arm: held-out perplexity (mean ± half the spread over seeds), ECE, cache bytes per token,
@@ -194,9 +194,8 @@ def plot(results: dict, png: Path) -> None:
         x = r["bytes_per_token"] if r["bytes_per_token"] is not None else 0.0
         ax.errorbar([x], [r["perplexity"]], yerr=[r["spread"]], fmt="o", capsize=3)
         ax.annotate(arm, (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_yscale("log")   # the renormalised arms are an order of magnitude off the others
     ax.set(title="Student held-out perplexity vs cache size (demo teacher)",
-           xlabel="cache bytes per token (0: CE only / online teacher)", ylabel="held-out perplexity (log scale)")
+           xlabel="cache bytes per token (0: CE only / online teacher)", ylabel="held-out perplexity")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

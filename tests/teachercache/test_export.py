@@ -15,6 +15,7 @@ from teachercache import schema as S
 from teachercache.cache import Cache
 from teachercache.cli import main
 from teachercache.export import PAD_LOGPROB, ExportError, ExportOptions, export_cache
+from teachercache.records import decode_batch
 
 
 def test_axolotl_columns_hold_exactly_the_caches_targets(demo_cache, doc_rows, tmp_path):
@@ -76,17 +77,26 @@ def test_a_shard_opens_with_pyarrow_alone_and_with_datasets(demo_cache, tmp_path
 
     cache = Cache.open(demo_cache)
     path = str(cache.shard_path(0))
-    table = ipc.open_file(pa.memory_map(path)).read_all()  # pyarrow alone
+    table = ipc.open_stream(pa.memory_map(path)).read_all()  # pyarrow alone
     assert table.num_rows == cache.shards[0].rows
     assert table.column_names == cache.layout.columns()
     sizes = pa.compute.list_flatten(table.column(S.TARGET_SIZES)).to_numpy()
     assert sizes.sum() == cache.shards[0].target_entries
     ds = datasets.Dataset(table)  # the same table as a datasets.Dataset, zero copies of the mapped file
     assert ds.num_rows == table.num_rows and ds[0][S.INPUT_IDS] == table.column(S.INPUT_IDS)[0].as_py()
-    # Dataset.from_file reads the Arrow *stream* format (its own cache files); shards are Arrow IPC
-    # *files* (with a footer, for random access to record batches), so it refuses them: see docs/FORMAT.md
-    with pytest.raises(pa.ArrowInvalid):
-        datasets.Dataset.from_file(path)
+    # Dataset.from_file memory-maps an Arrow IPC stream, which is what a shard is
+    mapped = datasets.Dataset.from_file(path)
+    assert mapped.column_names == table.column_names and mapped.num_rows == table.num_rows
+    for name in (S.INPUT_IDS, S.TARGET_MASK, S.TARGET_IDS, S.REST_MASS):
+        assert mapped[name] == table.column(name).to_pylist()
+    # and the decoded targets of a row read through datasets equal the library's own decoding
+    with cache.open_shard(0) as reader:
+        rows = reader.read_record_batch(0).num_rows
+        want = reader.read_batch(0)
+    record = pa.RecordBatch.from_pylist(mapped.select(range(rows)).to_list(), schema=cache.layout.schema())
+    got = decode_batch(record, cache.layout)
+    np.testing.assert_array_equal(got.target_ids, want.target_ids)
+    np.testing.assert_array_equal(got.target_logprobs, want.target_logprobs)
     # load_dataset's "arrow" builder falls back to the IPC file reader: shards load as they are
     loaded = datasets.load_dataset("arrow", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
     assert loaded.column_names == table.column_names and loaded.num_rows == table.num_rows

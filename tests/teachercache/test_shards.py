@@ -60,6 +60,24 @@ def test_reader_reads_chosen_columns_only(tmp_path):
     assert full.hidden[1].shape == batches[2].hidden[1].shape
 
 
+def test_a_shard_is_an_arrow_stream_and_older_ipc_file_shards_still_read(tmp_path):
+    batches, _ = _write(tmp_path / "s.arrow")
+    data = (tmp_path / "s.arrow").read_bytes()
+    assert data[:4] == b"\xff\xff\xff\xff" and data[-8:] == b"\xff\xff\xff\xff\x00\x00\x00\x00"
+    table = ipc.open_stream(pa.memory_map(str(tmp_path / "s.arrow"))).read_all()
+    with ipc.new_file(str(tmp_path / "f.arrow"), table.schema) as w:  # as shards were written until 2026-11-29
+        for record in table.to_batches():
+            w.write_batch(record)
+    assert (tmp_path / "f.arrow").read_bytes()[:6] == b"ARROW1"
+    with ShardReader(tmp_path / "s.arrow", LAYOUT) as stream, ShardReader(tmp_path / "f.arrow", LAYOUT) as file:
+        assert stream.num_batches == file.num_batches == 3
+        for i in (2, 0, 1):  # random access, either container
+            assert stream.read_record_batch(i).equals(file.read_record_batch(i))
+            np.testing.assert_array_equal(stream.read_batch(i).input_ids, batches[i].input_ids)
+    with ShardReader(tmp_path / "f.arrow", LAYOUT, columns=[S.REST_MASS]) as file:
+        assert file.read_record_batch(0).schema.names == [S.REST_MASS]
+
+
 def test_writer_error_leaves_no_file(tmp_path):
     rng = np.random.default_rng(0)
     with pytest.raises(RuntimeError):
@@ -97,7 +115,7 @@ def test_writer_killed_mid_shard_leaves_nothing_a_reader_accepts(tmp_path):
     assert not path.exists()
     leftovers = list(tmp_path.iterdir())
     assert len(leftovers) == 1 and ".partial-" in leftovers[0].name and leftovers[0].stat().st_size > 0
-    with pytest.raises(CacheCorruptError, match="not a readable Arrow IPC file"):
+    with pytest.raises(CacheCorruptError, match="no end-of-stream marker"):
         ShardReader(leftovers[0], LAYOUT)
 
 
@@ -105,7 +123,7 @@ def test_truncated_and_flipped_shards_are_refused(tmp_path):
     _write(tmp_path / "s.arrow")
     data = (tmp_path / "s.arrow").read_bytes()
     (tmp_path / "t.arrow").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CacheCorruptError, match="t.arrow: not a readable"):
+    with pytest.raises(CacheCorruptError, match="t.arrow: the Arrow IPC stream has no end-of-stream marker"):
         ShardReader(tmp_path / "t.arrow", LAYOUT)
     with pytest.raises(CacheCorruptError, match="missing"):
         ShardReader(tmp_path / "nope.arrow", LAYOUT)
@@ -115,10 +133,10 @@ def test_schema_version_and_layout_are_checked(tmp_path):
     _write(tmp_path / "s.arrow")
     with pytest.raises(CacheFormatError, match="layout differs"):
         ShardReader(tmp_path / "s.arrow", S.Layout(vocab_size=501, hidden_layers=(1,), hidden_width=4))
-    table = ipc.open_file(pa.memory_map(str(tmp_path / "s.arrow"))).read_all()
+    table = ipc.open_stream(pa.memory_map(str(tmp_path / "s.arrow"))).read_all()
     meta = dict(table.schema.metadata)
     meta[S.META_VERSION] = b"2"  # as a newer teachercache would write it
-    with ipc.new_file(str(tmp_path / "v2.arrow"), table.schema.with_metadata(meta)) as w:
+    with ipc.new_stream(str(tmp_path / "v2.arrow"), table.schema.with_metadata(meta)) as w:
         w.write_table(table.replace_schema_metadata(meta))
     with pytest.raises(CacheVersionError, match="v2.arrow: shard format version 2"):
         ShardReader(tmp_path / "v2.arrow", LAYOUT)

@@ -78,8 +78,8 @@ def _plant(cache_dir, mutate, unchecked_streams=False):
     """Decode record batch 0 of shard 0, let ``mutate`` damage it, write it back (shard + manifest)."""
     cache = Cache.open(cache_dir)
     path, layout = cache.shard_path(0), cache.layout
-    with ipc.open_file(pa.memory_map(str(path))) as f:
-        records = [f.get_batch(i) for i in range(f.num_record_batches)]
+    with ipc.open_stream(pa.memory_map(str(path))) as f:
+        records = list(f)
     batch = decode_batch(records[0], layout)
     clean = encode_batch(batch, layout)
     where = mutate(batch)
@@ -98,7 +98,7 @@ def _plant(cache_dir, mutate, unchecked_streams=False):
     else:
         records[0] = encode_batch(batch, layout)
     options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, layout.schema(), options=options) as writer:
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(sink, layout.schema(), options=options) as writer:
         for record in records:
             writer.write_batch(record)
     info = dataclasses.replace(cache.shards[0], bytes=path.stat().st_size, sha256=file_sha256(path))
