@@ -190,10 +190,16 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    by_x = {}   # arms sharing a cache share an x: their labels are spread out vertically, in ppl order
     for arm, r in results.items():
         x = r["bytes_per_token"] if r["bytes_per_token"] is not None else 0.0
-        ax.errorbar([x], [r["perplexity"]], yerr=[r["spread"]], fmt="o", capsize=3)
-        ax.annotate(arm, (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        by_x.setdefault(round(x, 1), []).append((r["perplexity"], arm, x, r))
+    for group in by_x.values():
+        group.sort()
+        for rank, (ppl, arm, x, r) in enumerate(group):
+            ax.errorbar([x], [ppl], yerr=[r["spread"]], fmt="o", capsize=3)
+            ax.annotate(arm, (x, ppl), textcoords="offset points", fontsize=8, va="center",
+                        xytext=(6, 11 * (rank - (len(group) - 1) / 2)))
     ax.set(title="Student held-out perplexity vs cache size (demo teacher)",
            xlabel="cache bytes per token (0: CE only / online teacher)", ylabel="held-out perplexity")
     ax.grid(alpha=0.3)
