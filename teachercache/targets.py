@@ -19,15 +19,26 @@ the distribution is the teacher's over real tokens (padding columns carry essent
 
 Only compact results leave the device: at most max_k (or N) entries per position. Positions are
 processed in chunks, so no more than ``chunk_positions`` x vocab floats exist at once beyond the logits.
+
+Two implementations of the top-k and nucleus targets, checked against each other and against a dense
+float64 computation (tests/teachercache/test_targets.py): plain torch (any device; what a GPU teacher
+uses) and, for a teacher on CPU, one numba pass per row (``_top_rows``: block maxima, vectorised
+exponentials with the sums for the log-sum-exp and the entropy, a top-k that only looks at the blocks
+that can hold one) in place of torch's separate softmax, top-k and entropy passes. Sampled targets always use torch. Ties at the k-th place
+keep the smaller id in the numba pass; torch.topk does not document its choice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
+import numba
 import numpy as np
 import torch
 
+from .kernels import _exp_row
 from .manifest import TargetSpec
 
 
@@ -73,14 +84,16 @@ def row_generator(seed: int, row_index: int, device: torch.device) -> torch.Gene
 @torch.no_grad()
 def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
                     spec: TargetSpec, vocab_size: int, row_indices: list[int] | None = None,
-                    chunk_positions: int = 4096) -> TargetArrays:
+                    chunk_positions: int = 4096, backend: str = "auto") -> TargetArrays:
     """Targets of every masked-in position of a batch of rows.
 
     logits: (B, T, V_out) teacher logits, any float dtype, V_out >= vocab_size;
     input_ids: (B, T) the rows; target_mask: (B, T) bool, position t predicts input_ids[t+1] (the last
     position of a row must be masked out); row_indices: the rows' global indices (seeds of sampling).
-    Works on views of the logits, a chunk of one row's positions at a time; nothing of size (positions x
-    vocabulary) is copied but the probabilities of one chunk.
+    backend: ``auto`` (numba for top-k and nucleus targets of CPU logits, torch otherwise), ``torch``, or
+    ``numba`` (CPU logits only). The torch path works on views of the logits, a chunk of one row's
+    positions at a time; nothing of size (positions x vocabulary) is copied but the probabilities of one
+    chunk. The numba path makes one call per batch (float32 logits are not copied).
     """
     check_spec(spec, vocab_size)
     B, T, V_out = logits.shape
@@ -90,6 +103,12 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
         raise ValueError("target_mask: the last position of a row has no next token to predict")
     if row_indices is None:
         row_indices = list(range(B))
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"unknown backend {backend!r}: auto, torch or numba")
+    if backend == "numba" and (logits.device.type != "cpu" or spec.kind == "sample"):
+        raise ValueError("the numba backend computes top-k and nucleus targets of CPU logits")
+    if backend == "numba" or (backend == "auto" and logits.device.type == "cpu" and spec.kind != "sample"):
+        return _targets_numba(logits, input_ids, target_mask, spec, vocab_size)
     parts = []
     for b in range(B):
         u_row = None  # the row's (T, N) uniforms, drawn once however many chunks the row has
@@ -144,6 +163,145 @@ def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sp
     rest = 1.0 - torch.where(stored, top_lp.exp(), 0.0).sum(1)
     return dict(sizes=sizes, ids=top_ids[stored], lps=top_lp[stored], counts=None, label=label_lp, rest=rest,
                 entropy=entropy)
+
+
+def _targets_numba(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor, spec: TargetSpec,
+                   vocab_size: int) -> TargetArrays:
+    """compute_targets for top-k and nucleus targets of CPU logits: one numba call for the whole batch
+    (no torch work between parallel calls, whose idle OpenMP threads would spin against numba's)."""
+    B, T, V_out = logits.shape
+    x = logits.detach().to(torch.float32).contiguous().reshape(B * T, V_out).numpy()
+    positions = np.flatnonzero(target_mask.reshape(-1).cpu().numpy())   # b * T + t, in row order
+    labels = np.ascontiguousarray(input_ids.reshape(-1).cpu().numpy()[positions + 1], np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= vocab_size):
+        raise ValueError(f"input_ids: a next token lies outside the tokenizer's {vocab_size} ids")
+    max_k = spec.k if spec.kind == "topk" else spec.max_k
+    top_p, min_k = (spec.top_p, spec.min_k) if spec.kind == "nucleus" else (2.0, max_k)  # top-k: always max_k
+    n = len(positions)
+    top_ids = np.empty((n, max_k), np.int32)
+    top_lp = np.empty((n, max_k), np.float32)
+    sizes = np.empty(n, np.int64)
+    label_lp, rest, entropy = (np.empty(n, np.float32) for _ in range(3))
+    _top_rows(x, vocab_size, np.float32(1.0 / spec.temperature), positions.astype(np.int64), labels, float(top_p),
+              min_k, top_ids, top_lp, sizes, label_lp, rest, entropy)
+    stored = np.arange(max_k)[None, :] < sizes[:, None]
+    return TargetArrays(target_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                        target_ids=top_ids[stored], target_logprobs=top_lp[stored], target_counts=None,
+                        label_logprob=label_lp, rest_mass=np.maximum(rest, 0.0), entropy=entropy)
+
+
+_BLOCK = 16
+"""Top-k selection works on blocks of this many logits (see _top_k)."""
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz"})
+def _block_maxima(row, out):
+    """out[b] = max(row[16 b : 16 b + 16]), vectorised (a NaN may be skipped here: the exponentials still
+    carry it, and _top_k falls back to a full sort when the blocks do not add up)."""
+    n = row.shape[0]
+    full = n // _BLOCK
+    for b in range(full):
+        a = b * _BLOCK
+        m = row[a]
+        for v in range(a + 1, a + _BLOCK):
+            m = max(m, row[v])
+        out[b] = m
+    if full < out.shape[0]:
+        m = row[full * _BLOCK]
+        for v in range(full * _BLOCK + 1, n):
+            m = max(m, row[v])
+        out[full] = m
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
+def _shifted_dot(e, row, m):
+    """sum_v e_v (row_v - m) in float64, vectorised."""
+    total = 0.0
+    for v in range(row.shape[0]):
+        total += e[v] * (row[v] - m)
+    return total
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _rank_key(bits, v):
+    """An int64 that orders entries as the top-k wants: by the float32 value whose bits are bits[v], then
+    the smaller id first. (A negative float's bits are flipped so that signed order is float order.)"""
+    b = np.int64(bits[v])
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return (b << 32) + (0xFFFFFFFF - v)
+
+
+@numba.njit(nogil=True, cache=True)
+def _top_k(row, maxima, out):
+    """The k = len(out) best entries of a float32 row as rank keys, best first (id = 0xFFFFFFFF - key's
+    low half). The k-th largest block maximum t is a lower bound of the k-th largest entry (k blocks
+    have an entry >= t), so only entries >= t, in blocks whose maximum is >= t, can be among the best
+    k: typically a little over k of them, found by one partition of the maxima, then sorted."""
+    k = out.shape[0]
+    n = row.shape[0]
+    bits = row.view(np.int32)
+    nb = maxima.shape[0]
+    c = 0
+    keys = np.empty(0, np.int64)
+    if nb >= k:
+        t = np.partition(maxima, nb - k)[nb - k]
+        live = 0
+        for b in range(nb):
+            if maxima[b] >= t:
+                live += 1
+        keys = np.empty(live * _BLOCK, np.int64)
+        for b in range(nb):
+            if maxima[b] >= t:
+                for v in range(b * _BLOCK, min((b + 1) * _BLOCK, n)):
+                    if row[v] >= t:
+                        keys[c] = _rank_key(bits, v)
+                        c += 1
+    if c < k:   # a short row (fewer blocks than k), or a NaN upset the bound: sort the whole row
+        keys = np.empty(n, np.int64)
+        for v in range(n):
+            keys[v] = _rank_key(bits, v)
+        c = n
+    keys = np.sort(keys[:c])
+    for j in range(k):
+        out[j] = keys[c - 1 - j]
+
+
+@numba.njit(nogil=True, parallel=True, cache=True)
+def _top_rows(x, vocab, inv_t, positions, labels, top_p, min_k, top_ids, top_lp, sizes, label_lp, rest, entropy):
+    """For each target position (a row of x (rows, V_out) float32 logits; columns from ``vocab`` on are
+    padding), at temperature 1 / inv_t: the max_k = top_ids.shape[1] most likely ids best first with
+    their log-probs, how many to store (nucleus: the smallest n whose mass reaches top_p, clamped to
+    [min_k, max_k]; top_p > 1 stores max_k), the label's log-prob, the rest mass and the entropy."""
+    k = top_ids.shape[1]
+    for i in numba.prange(len(positions)):
+        row = x[positions[i]][:vocab]
+        maxima = np.empty((vocab + _BLOCK - 1) // _BLOCK, np.float32)
+        _block_maxima(row, maxima)
+        m = maxima.max()
+        e = np.empty(vocab, np.float32)
+        s = _exp_row(row, m, inv_t, e)        # e_v = exp((x_v - m) / T)
+        log_s = math.log(s)
+        entropy[i] = log_s - inv_t * _shifted_dot(e, row, m) / s     # H = lse - sum p x, at 1/T
+        label_lp[i] = (row[labels[i]] - m) * inv_t - log_s
+        keys = np.empty(k, np.int64)
+        _top_k(row, maxima, keys)
+        mass = 0.0
+        size = k
+        for j in range(k):
+            v = 0xFFFFFFFF - (keys[j] & 0xFFFFFFFF)
+            lp = (row[v] - m) * inv_t - log_s
+            top_ids[i, j] = v
+            top_lp[i, j] = lp
+            if j < size:
+                mass += math.exp(lp)
+                if j + 1 >= min_k and mass >= top_p:
+                    size = j + 1
+        sizes[i] = size
+        stored = 0.0
+        for j in range(size):
+            stored += math.exp(np.float64(top_lp[i, j]))
+        rest[i] = 1.0 - stored
 
 
 def _sample(p: torch.Tensor, u: torch.Tensor):

@@ -57,13 +57,14 @@ def _positions(t):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("vocab_out", [V_TOKENIZER, V_TOKENIZER + 20], ids=["exact", "padded"])
-def test_topk_and_nucleus_equal_the_dense_reference(kind, vocab_out):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_topk_and_nucleus_equal_the_dense_reference(kind, vocab_out, backend):
     logits, ids, mask = _batch(kind, vocab_out)
     lp, label, entropy, _ = _dense(logits, ids, mask, temperature=1.5)
     order = np.argsort(-lp, axis=1, kind="stable")
     for spec in (TargetSpec(kind="topk", k=16, temperature=1.5),
                  TargetSpec(kind="nucleus", k=None, top_p=0.9, min_k=2, max_k=40, temperature=1.5)):
-        t = compute_targets(logits, ids, mask, spec, V_TOKENIZER, chunk_positions=7)
+        t = compute_targets(logits, ids, mask, spec, V_TOKENIZER, chunk_positions=7, backend=backend)
         assert len(t.label_logprob) == int(mask.sum())
         np.testing.assert_allclose(t.label_logprob, label, atol=1e-5)
         np.testing.assert_allclose(t.entropy, entropy, atol=1e-4)
@@ -80,6 +81,39 @@ def test_topk_and_nucleus_equal_the_dense_reference(kind, vocab_out):
             np.testing.assert_allclose(t.rest_mass[p], 1 - np.exp(lp[p, want]).sum(), atol=1e-5)
     sizes = np.diff(t.target_offsets)
     assert sizes.min() >= 2 and sizes.max() <= 40 and len(set(sizes.tolist())) > 1  # adaptive k
+
+
+def test_numba_top_k_keeps_the_smaller_id_on_a_tie_and_matches_torch_at_scale():
+    # ties: logits 0..9 with the values 3.0 at ids 2, 5, 7 and 1.0 elsewhere; k = 2 keeps ids 2 and 5
+    logits = torch.ones(1, 3, 10)
+    logits[0, :, [2, 5, 7]] = 3.0
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    mask = torch.tensor([[True, True, False]])
+    t = compute_targets(logits, ids, mask, TargetSpec(kind="topk", k=2), 10, backend="numba")
+    assert t.target_ids.tolist() == [2, 5, 2, 5]
+    want = 3.0 - np.log(3 * np.exp(3.0) + 7 * np.exp(1.0))
+    np.testing.assert_allclose(t.target_logprobs, want, atol=1e-6)
+    # a realistic vocabulary: both backends store the same ids (in the same order) and values
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 64, 8192, generator=g) * 2.5
+    ids = torch.randint(0, 8192, (2, 64), generator=g)
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[:, -1] = False
+    for spec in (TargetSpec(kind="topk", k=64), TargetSpec(kind="nucleus", k=None, top_p=0.5, min_k=1, max_k=64)):
+        a = compute_targets(logits, ids, mask, spec, 8192, backend="numba")
+        b = compute_targets(logits, ids, mask, spec, 8192, backend="torch")
+        np.testing.assert_array_equal(a.target_offsets, b.target_offsets)
+        np.testing.assert_array_equal(a.target_ids, b.target_ids)
+        for name in ("target_logprobs", "label_logprob", "rest_mass"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=2e-5, err_msg=name)
+        # entropy: torch's float32 dot over 8192 terms errs by ~2e-4 here, the numba pass (float64 sums) not
+        lp = torch.log_softmax(logits[mask].double(), -1)
+        dense = -(lp.exp() * lp).sum(-1).numpy()
+        np.testing.assert_allclose(a.entropy, dense, atol=1e-5)
+        np.testing.assert_allclose(b.entropy, dense, atol=1e-3)
+    with pytest.raises(ValueError, match="numba backend"):
+        compute_targets(logits, ids, mask, TargetSpec(kind="sample", k=None, samples=4, seed=1), 8192,
+                        backend="numba")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
