@@ -84,6 +84,8 @@ class BuildOptions:
     """Let transformers run the teacher repository's own code (off unless asked for)."""
     queue_batches: int = 4
     """Batches waiting for the writer at most (bounds memory)."""
+    targets_backend: str = "auto"
+    """compute_targets' backend: auto (numba for top-k/nucleus of a CPU teacher, else torch), torch, numba."""
     progress: bool = True
     """Show a tqdm bar."""
 
@@ -259,7 +261,7 @@ def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, 
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device) if padded else None,
                 output_hidden_states=bool(options.hidden_layers))
     t = compute_targets(out.logits, ids.to(device), mask.to(device), options.targets, vocab_size,
-                        row_indices=[i for i, _ in batch])
+                        row_indices=[i for i, _ in batch], backend=options.targets_backend)
     rb = RowBatch(row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                   input_ids=np.concatenate([r.input_ids for _, r in batch]),
                   target_mask=np.concatenate([r.target_mask for _, r in batch]),
