@@ -46,9 +46,9 @@ Positions with label -100 have CE 0.
 The numba kernel computes losses and the gradient w.r.t. the logits in one pass per row (three sweeps
 over the row: max, exponentials, gradient), parallel over rows. For float32 logits the exponentials
 use a polynomial exp that LLVM vectorises (``_exp_row``; numba's ``math.exp`` is one libm call per
-element, which made the sweep the kernel's bottleneck); float64 logits keep libm's exp. Its gradient is kept from the forward
-call and scaled in backward (as fused cross-entropy kernels do), so no [N, V] log-softmax tensor is
-ever made. ``sparse_kd_reference`` is the same maths in plain torch with autograd: it serves CUDA
+element, which made the sweep the kernel's bottleneck); float64 logits keep libm's exp. Its gradient
+is kept from the forward call and scaled in backward (as fused cross-entropy kernels do), so no [N, V]
+log-softmax tensor is ever made. ``sparse_kd_reference`` is the same maths in plain torch with autograd: it serves CUDA
 tensors, and the tests and the benchmark compare the kernel with it.
 
 Numba threading layer: set to ``workqueue`` here (unless NUMBA_THREADING_LAYER says otherwise) before

@@ -24,15 +24,15 @@ Two implementations of the top-k and nucleus targets, checked against each other
 float64 computation (tests/teachercache/test_targets.py): plain torch (any device; what a GPU teacher
 uses) and, for a teacher on CPU, one numba pass per row (``_top_rows``: block maxima, vectorised
 exponentials with the sums for the log-sum-exp and the entropy, a top-k that only looks at the blocks
-that can hold one) in place of torch's separate softmax, top-k and entropy passes. Sampled targets always use torch. Ties at the k-th place
-keep the smaller id in the numba pass; torch.topk does not document its choice.
+that can hold one) in place of torch's separate softmax, top-k and entropy passes. Sampled targets
+always use torch. Ties at the k-th place keep the smaller id in the numba pass; torch.topk does not
+document its choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numba
 import numpy as np
