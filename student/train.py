@@ -198,11 +198,10 @@ def kd_config(options: TrainOptions, sampled: bool) -> KDConfig:
     if loss == "sampled_ce" and not sampled:
         raise TrainError("--kd-loss sampled_ce needs a cache of sampled targets (build with --target sample)")
     try:
-        config = KDConfig(loss=loss, tail=options.tail, temperature=options.temperature, beta=options.beta,
-                          alpha=options.skew_alpha, ce_weight=options.ce_alpha, kd_weight=options.kd_alpha)
+        return KDConfig(loss=loss, tail=options.tail, temperature=options.temperature, beta=options.beta,
+                        alpha=options.skew_alpha, ce_weight=options.ce_alpha, kd_weight=options.kd_alpha)
     except ValueError as e:  # --temperature, --beta, --skew-alpha out of range
         raise TrainError(f"KD options: {e} (see teachercache train --help)") from None
-    return config
 
 
 def lr_lambda(options: TrainOptions):

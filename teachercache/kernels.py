@@ -157,10 +157,10 @@ def check_targets(targets: SparseTargets, n: int, vocab: int, config: KDConfig) 
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket_loss(code, p, q, n, beta, alpha, a):
-    """Loss between bucket distributions p and q (first n entries); a[b] = q_b * dLoss/dq_b."""
+def _bucket_loss(code, p, q, beta, alpha, a):
+    """Loss between bucket distributions p and q; a[b] = q_b * dLoss/dq_b."""
     loss = 0.0
-    for b in range(n):
+    for b in range(p.shape[0]):
         pb, qb = p[b], q[b]
         if code == 0:  # forward KL
             if pb > 0.0:
@@ -345,20 +345,18 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                     for j in range(k):
                         g[ids[start + j]] = -g[ids[start + j]]
                 q[k] = rest_sum
-                nb = k + 1
-                denom_q = sum_t
                 # teacher buckets: normalise (re-tempered when T != 1); skip a position with no mass
                 denom_p = 0.0
-                for b in range(nb):
+                for b in range(k + 1):
                     if tempered and p[b] > 0.0:
                         p[b] = p[b] ** inv_t
                     denom_p += p[b]
-                if denom_p > 0.0 and denom_q > 0.0:
-                    for b in range(nb):
+                if denom_p > 0.0 and sum_t > 0.0:
+                    for b in range(k + 1):
                         p[b] /= denom_p
-                        q[b] /= denom_q
-                    kd_out[i] = _bucket_loss(code, p, q, nb, beta, alpha, a)
-                    for b in range(nb):
+                        q[b] /= sum_t
+                    kd_out[i] = _bucket_loss(code, p, q, beta, alpha, a)
+                    for b in range(k + 1):
                         gbar += a[b]
                     for j in range(k):
                         q_s[j] = q[j]

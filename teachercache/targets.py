@@ -286,22 +286,18 @@ def _top_rows(x, vocab, inv_t, positions, labels, top_p, min_k, top_ids, top_lp,
         label_lp[i] = (row[labels[i]] - m) * inv_t - log_s
         keys = np.empty(k, np.int64)
         _top_k(row, maxima, keys)
-        mass = 0.0
+        mass = 0.0   # of the stored entries, from their float32 log-probs as stored
         size = k
         for j in range(k):
             v = 0xFFFFFFFF - (keys[j] & 0xFFFFFFFF)
-            lp = (row[v] - m) * inv_t - log_s
             top_ids[i, j] = v
-            top_lp[i, j] = lp
+            top_lp[i, j] = (row[v] - m) * inv_t - log_s
             if j < size:
-                mass += math.exp(lp)
+                mass += math.exp(np.float64(top_lp[i, j]))
                 if j + 1 >= min_k and mass >= top_p:
                     size = j + 1
         sizes[i] = size
-        stored = 0.0
-        for j in range(size):
-            stored += math.exp(np.float64(top_lp[i, j]))
-        rest[i] = 1.0 - stored
+        rest[i] = 1.0 - mass
 
 
 def _sample(p: torch.Tensor, u: torch.Tensor):
