@@ -171,9 +171,9 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != S.FORMAT_NAME:
         raise CacheFormatError(where, f"field format: expected {S.FORMAT_NAME!r}")
     version = raw.get("format_version")
-    if version != S.FORMAT_VERSION:
+    if type(version) is not int or version != S.FORMAT_VERSION:
         raise CacheVersionError(where, f"field format_version: {version!r}, this reader reads version "
-                                f"{S.FORMAT_VERSION}", "use a teachercache release that reads it")
+                                f"{S.FORMAT_VERSION}", S.version_hint(version))
     try:
         layout = S.Layout.from_dict(_expect(raw, "layout", dict, where))
     except (KeyError, TypeError, ValueError) as e:

@@ -97,6 +97,7 @@ def encode_batch(batch: RowBatch, layout: S.Layout, where: str = "<batch>") -> p
         S.ENTROPY: per_position(encode_nats16(batch.entropy, S.ENTROPY, where)),
         S.TARGET_IDS: _list_array(streams.id_offsets, streams.ids, pa.uint8(), where),
         S.TARGET_VALUES: _list_array(streams.value_offsets, streams.values, pa.uint8(), where),
+        S.TARGET_HITS: _list_array(streams.hit_offsets, streams.hits, pa.uint8(), where),
         S.TARGET_REFS: _list_array(streams.ref_offsets, streams.refs, pa.uint8(), where),
     }
     if layout.sampled:
@@ -135,7 +136,8 @@ def record_streams(rb: pa.RecordBatch, layout: S.Layout, where: str = "<batch>")
 
     counts = stream(S.TARGET_COUNTS) if layout.sampled else (np.zeros(0, np.uint8),
                                                              np.zeros(rb.num_rows + 1, np.int64))
-    return TargetStreams(*stream(S.TARGET_IDS), *stream(S.TARGET_VALUES), *stream(S.TARGET_REFS), *counts)
+    return TargetStreams(*stream(S.TARGET_IDS), *stream(S.TARGET_VALUES), *stream(S.TARGET_HITS),
+                         *stream(S.TARGET_REFS), *counts)
 
 
 def decode_batch(rb: pa.RecordBatch, layout: S.Layout, where: str = "<batch>") -> RowBatch:

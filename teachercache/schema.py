@@ -20,7 +20,17 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 FORMAT_NAME = "teachercache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 (2026-11-29): hits bitmap + ranks replaced version 1's one varint per entry in target_refs."""
+
+
+def version_hint(version) -> str:
+    """What to do with a cache of another format version."""
+    if type(version) is int and 1 <= version < FORMAT_VERSION:
+        return (f"it was written by an older teachercache (format {version}); rebuild it with this one, "
+                "or read it with the release that wrote it")
+    return "use a teachercache release that reads it"
+
 
 # Keys of the Arrow schema metadata of every shard.
 META_FORMAT = b"teachercache.format"
@@ -39,9 +49,10 @@ ENTROPY = "entropy"              # list<uint16>: teacher entropy over the full v
 # target_mask too: they pick each position's reference position.
 TARGET_IDS = "target_ids"        # list<uint8>: id symbols of the misses, little-endian byte planes
 TARGET_VALUES = "target_values"  # list<uint8>: LEB128 varints of quantised -log-prob deltas
-TARGET_REFS = "target_refs"      # list<uint8>: LEB128 varints: 0 = miss, else zigzag(index delta) + 1
+TARGET_HITS = "target_hits"      # list<uint8>: bitmap, one bit per entry of the row (LSB first): 1 = hit
+TARGET_REFS = "target_refs"      # list<uint8>: LEB128 varint per hit: its rank among the reference's unused ids
 TARGET_COUNTS = "target_counts"  # list<uint8>: LEB128 varints of (draw count - 1); sampled targets only
-TARGET_STREAMS = (TARGET_IDS, TARGET_VALUES, TARGET_REFS, TARGET_COUNTS)
+TARGET_STREAMS = (TARGET_IDS, TARGET_VALUES, TARGET_HITS, TARGET_REFS, TARGET_COUNTS)
 HIDDEN_PREFIX = "hidden_"        # list<uint16>: P*H raw 16-bit floats per row, one column per layer
 
 TARGET_KINDS = ("topk", "nucleus", "sample")
@@ -135,7 +146,7 @@ class Layout:
 
     def columns(self) -> list[str]:
         names = [INPUT_IDS, TARGET_MASK, TARGET_SIZES, LABEL_LOGPROB, REST_MASS, ENTROPY,
-                 TARGET_IDS, TARGET_VALUES, TARGET_REFS]
+                 TARGET_IDS, TARGET_VALUES, TARGET_HITS, TARGET_REFS]
         if self.sampled:
             names.append(TARGET_COUNTS)
         names += [hidden_column(layer) for layer in self.hidden_layers]
@@ -144,8 +155,7 @@ class Layout:
     def schema(self) -> pa.Schema:
         types = {INPUT_IDS: pa.int32(), TARGET_MASK: pa.bool_(), TARGET_SIZES: pa.uint16(),
                  LABEL_LOGPROB: pa.uint16(), REST_MASS: pa.uint16(), ENTROPY: pa.uint16(),
-                 TARGET_IDS: pa.uint8(), TARGET_VALUES: pa.uint8(), TARGET_REFS: pa.uint8(),
-                 TARGET_COUNTS: pa.uint8()}
+                 **{name: pa.uint8() for name in TARGET_STREAMS}}
         fields = [pa.field(name, pa.list_(types.get(name, pa.uint16())), nullable=False)
                   for name in self.columns()]
         meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: str(FORMAT_VERSION).encode(),

@@ -3,7 +3,6 @@
 Shards use Arrow's IPC *stream* format (the one ``datasets.Dataset.from_file`` and every Arrow reader
 open), not the IPC *file* format: a file's footer only indexes the record batches, and a reader builds
 that index itself by walking the stream's message headers once, without decompressing anything.
-Readers still open IPC *file* shards, which this repository wrote until 2026-11-29 (docs/FORMAT.md).
 
 A ShardWriter writes to a temporary name beside the final one (``NAME.partial-PID``), and only when it
 is closed without an error does it flush, fsync, rename to the final name and fsync the directory. A
@@ -149,7 +148,6 @@ class ShardWriter:
                               bytes=self.path.stat().st_size, sha256=file_sha256(self.path), **self._counts)
 
 
-_FILE_MAGIC = b"ARROW1"
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
@@ -195,17 +193,10 @@ class ShardReader:
         # use_threads=False: callers parallelise by batch; for one batch the pool only adds overhead
         self._options = ipc.IpcReadOptions(use_threads=False,
                                            included_fields=sorted(schema.get_field_index(c) for c in wanted))
-        if self._file is not None:
-            self._file = ipc.open_file(self._map, options=self._options)
         self.columns = wanted
 
     def _index(self) -> pa.Schema:
         """Read the schema and find every record batch; returns the schema."""
-        self._file = None
-        if self._map.read(len(_FILE_MAGIC)) == _FILE_MAGIC:  # an IPC file shard (written until 2026-11-29)
-            self._map.seek(0)
-            self._file = ipc.open_file(self._map)
-            return self._file.schema
         size = self._map.size()
         self._map.seek(max(0, size - len(_END_OF_STREAM)))
         if self._map.read() != _END_OF_STREAM:
@@ -232,17 +223,14 @@ class ShardReader:
 
     @property
     def num_batches(self) -> int:
-        return self._file.num_record_batches if self._file is not None else len(self._batches)
+        return len(self._batches)
 
     def read_record_batch(self, i: int) -> pa.RecordBatch:
         try:
-            if self._file is not None:
-                record = self._file.get_batch(i)
-            else:
-                sink = pa.BufferOutputStream()
-                sink.write(self._schema_message)
-                self._batches[i].serialize_to(sink)
-                record = ipc.open_stream(sink.getvalue(), options=self._options).read_next_batch()
+            sink = pa.BufferOutputStream()
+            sink.write(self._schema_message)
+            self._batches[i].serialize_to(sink)
+            record = ipc.open_stream(sink.getvalue(), options=self._options).read_next_batch()
             record.validate()
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
             raise CacheCorruptError(self.path, f"record batch {i} does not read ({e})",
@@ -258,7 +246,7 @@ class ShardReader:
             yield self.read_batch(i)
 
     def close(self) -> None:
-        self._file = self._batches = None
+        self._batches = None
         self._map.close()
 
     def __enter__(self) -> "ShardReader":
@@ -270,7 +258,8 @@ class ShardReader:
 
 def decoding_columns(layout: S.Layout) -> list[str]:
     """The columns needed to decode the sparse targets."""
-    return [S.INPUT_IDS, S.TARGET_MASK, S.TARGET_SIZES, S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_REFS] + (
+    return [S.INPUT_IDS, S.TARGET_MASK, S.TARGET_SIZES, S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_HITS,
+            S.TARGET_REFS] + (
         [S.TARGET_COUNTS] if layout.sampled else [])
 
 
@@ -281,8 +270,8 @@ def check_schema(schema: pa.Schema, layout: S.Layout, where: str) -> None:
         raise CacheFormatError(where, "not a teachercache shard (schema metadata lacks the format name)")
     version = meta.get(S.META_VERSION, b"?").decode(errors="replace")
     if version != str(S.FORMAT_VERSION):
-        raise CacheVersionError(where, f"shard format version {version}, this reader reads "
-                                f"version {S.FORMAT_VERSION}", "use the teachercache release that wrote it")
+        raise CacheVersionError(where, f"shard format version {version}, this reader reads version "
+                                f"{S.FORMAT_VERSION}", S.version_hint(int(version) if version.isdigit() else None))
     try:
         shard_layout = S.Layout.from_dict(json.loads(meta.get(S.META_LAYOUT, b"")))
     except (ValueError, KeyError, TypeError) as e:

@@ -30,7 +30,7 @@ def test_the_page_lists_every_entry_and_no_traceback():
 def test_entries_still_give_the_catalogued_message(tmp_path, key):
     prepare_light(tmp_path)
     (tmp_path / "newer").mkdir()  # the manifest's version is checked before anything else in it
-    (tmp_path / "newer" / "manifest.json").write_text(json.dumps({"format": "teachercache", "format_version": 2}))
+    (tmp_path / "newer" / "manifest.json").write_text(json.dumps({"format": "teachercache", "format_version": 3}))
     args = {(s, what): a for s, what, a in ENTRIES}[key]
     with open(tmp_path / "locked" / "state" / "rank-000.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)

@@ -178,7 +178,7 @@ for lname, layout in layouts.items():
     sizes = np.diff(offsets).astype(np.uint16)
     back = codec.decode_targets(sizes, rp, ctx, good, layout)
     assert sorted(back[1][:3].tolist()) == [2, 5, 9], back
-    L = {f: len(getattr(good, f)) for f in ("ids", "values", "refs", "counts")}
+    L = {f: len(getattr(good, f)) for f in ("ids", "values", "hits", "refs", "counts")}
     cases = {
         "sizes beyond the streams": (np.full(3, 65535, np.uint16), rp, ctx, good),
         "one size too large": (sizes + np.array([0, 0, 1], np.uint16), rp, ctx, good),
@@ -195,10 +195,12 @@ for lname, layout in layouts.items():
         "prev token beyond the vocabulary": (sizes, rp, (ctx[0], np.array([-1, 10**12, -1])), good),
         "id stream not whole symbols": (sizes, rp, ctx, copy(good, ids=good.ids[:-1], id_offsets=[0, good.id_offsets[1], L["ids"] - 1])),
         "a reference far beyond its list": (sizes, rp, ctx, copy(good, refs=np.full(L["refs"], 0x7F, np.uint8))),
+        "every entry a hit": (sizes, rp, ctx, copy(good, hits=np.full(L["hits"], 0xFF, np.uint8))),
+        "hit bitmap offset beyond its stream": (sizes, rp, ctx, copy(good, hit_offsets=[0, 1, L["hits"] + 1])),
         "an overlong varint": (sizes, rp, ctx, copy(good, values=np.full(L["values"], 0xFF, np.uint8))),
         "a varint cut at the stream end": (sizes, rp, ctx, copy(good, values=np.concatenate([good.values[:-1], [0x80]]).astype(np.uint8))),
         "all-0xFF ids": (sizes, rp, ctx, copy(good, ids=np.full(L["ids"], 0xFF, np.uint8))),
-        "empty streams": (sizes, rp, ctx, codec.TargetStreams(*(np.zeros(0, np.uint8), np.zeros(3, np.int64)) * 4)),
+        "empty streams": (sizes, rp, ctx, codec.TargetStreams(*(np.zeros(0, np.uint8), np.zeros(3, np.int64)) * 5)),
     }
     if layout.sampled:
         cases["count stream cut"] = (sizes, rp, ctx, copy(good, counts=good.counts[:-2], count_offsets=[0, good.count_offsets[1], L["counts"] - 2]))
@@ -233,7 +235,7 @@ for trial in range(3000):
     for _ in range(int(rng.integers(1, 4))):
         what = int(rng.integers(0, 4))
         if what == 0:
-            name = ["ids", "values", "refs", "counts"][int(rng.integers(0, 4 if layout.sampled else 3))]
+            name = ["ids", "values", "hits", "refs", "counts"][int(rng.integers(0, 5 if layout.sampled else 4))]
             stream = getattr(st, name)
             if len(stream):
                 stream[rng.integers(len(stream))] ^= np.uint8(1 << int(rng.integers(0, 8)))
@@ -242,7 +244,7 @@ for trial in range(3000):
         elif what == 2:
             ctx[int(rng.integers(0, 2))][rng.integers(P)] = rng.choice([-2, -1, 0, 1, V - 1, V, 2**40])
         else:
-            name = ["id_offsets", "value_offsets", "ref_offsets", "count_offsets"][int(rng.integers(0, 4))]
+            name = ["id_offsets", "value_offsets", "hit_offsets", "ref_offsets", "count_offsets"][int(rng.integers(0, 5))]
             getattr(st, name)[rng.integers(B + 1)] += int(rng.choice([-3, -1, 1, 2, 1000, -(2**40)]))
     try:
         codec.decode_targets(sizes, rp, ctx, st, layout)
@@ -284,7 +286,7 @@ def test_hostile_lengths_never_read_out_of_bounds(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     named, decoded, refused = map(int, re.findall(r"\d+", proc.stdout.splitlines()[-1]))
-    assert named == 4 * 19 + 2 + 6 and refused > 1500 and decoded > 100, proc.stdout
+    assert named == 4 * 21 + 2 + 6 and refused > 1500 and decoded > 100, proc.stdout
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])

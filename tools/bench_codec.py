@@ -8,7 +8,7 @@ then read back and decoded. Printed side by side, per target position and per to
   (b) naive top-k: int32 ids + fp16 log-probs;
   (c) DistillKit's layout: ids bit-packed at ceil(log2 V) bits, plus its default value bytes
       (16 exact bf16 values + 6 fp32 polynomial terms = 56 bytes per position);
-  (d) ours: the target columns (ids, values, sizes), and every column of the cache.
+  (d) ours: the target columns (ids, values, hits, refs, sizes), and every column of the cache.
 
 Fidelity: the largest |decoded - true| log-prob over entries with p >= 1e-4 (and over all entries), and
 the largest rest-mass error. Decode speed: target positions per second on one core, for the numba kernel
@@ -44,7 +44,7 @@ from teachercache.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerIn
 from teachercache.shards import ZSTD_LEVEL, ShardReader, decoding_columns
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_REFS, S.TARGET_SIZES)
+TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_HITS, S.TARGET_REFS, S.TARGET_SIZES)
 DISTILLKIT_VALUE_BYTES = 16 * 2 + 6 * 4  # 16 exact bf16 log-probs + 6 fp32 polynomial coefficients
 
 
@@ -223,7 +223,7 @@ def id_coding_variants(batches: list[RowBatch], layout: S.Layout, level: int = 7
         rp = np.array([0, b.num_positions])
         ctx = codec.position_contexts(b.input_ids, b.target_mask, b.row_offsets)
         ours = codec.encode_targets(rp, b.target_offsets, b.target_ids, b.target_logprobs, None, ctx, layout)
-        totals["ours"] += size(ours.ids, ours.values, ours.refs)
+        totals["ours"] += size(ours.ids, ours.values, ours.hits, ours.refs)
         # without references: every entry's symbol (tie gap or id) in byte planes
         pos = np.repeat(np.arange(b.num_positions), b.target_sizes)
         codes = codec.quantize_reference(b.target_logprobs, layout.quantizer)

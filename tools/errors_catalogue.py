@@ -130,6 +130,7 @@ ENTRIES: list[tuple[str, str, list[str]]] = [
     ("verify", "CACHE: a file", ["verify", "$TMP/text.txt"]),
     ("verify", "CACHE: a build that did not finish", ["verify", "$TMP/incomplete"]),
     ("verify", "CACHE: a cache from a newer format version", ["verify", "$TMP/newer"]),
+    ("verify", "CACHE: a cache from an older format version", ["verify", "$TMP/older"]),
     ("verify", "CACHE: a shard from a newer format version", ["verify", "$TMP/newer-shard"]),
     ("verify", "CACHE: a damaged shard", ["verify", "$TMP/damaged"]),
     ("verify", "CACHE: a truncated shard", ["verify", "$TMP/truncated"]),
@@ -154,6 +155,8 @@ def prepare(tmp: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from teachercache import schema as S
+
     prepare_light(tmp)
     proc = subprocess.run([sys.executable, "-m", "teachercache", *build(out=str(tmp / "good"))], env=ENV,
                           cwd=ROOT, capture_output=True, text=True)
@@ -172,12 +175,13 @@ def prepare(tmp: Path) -> None:
             p = tmp / name / manifest["shards"][0]["file"]
             p.write_bytes(shard(p.read_bytes()))
 
-    variant("newer", lambda r: r.update(format_version=2))
+    variant("newer", lambda r: r.update(format_version=S.FORMAT_VERSION + 1))
+    variant("older", lambda r: r.update(format_version=S.FORMAT_VERSION - 1))
     variant("unknown-field", lambda r: r.update(comment="hand edited"))
     variant("escape", lambda r: r["shards"][0].update(file="../good/shards/part-r000-00000.arrow"))
     variant("damaged", shard=lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])
     variant("truncated", shard=lambda b: b[:-100])
-    variant("newer-shard")  # the shard rewritten with format version 2 in its schema, the manifest resealed
+    variant("newer-shard")  # the shard rewritten with the next format version in its schema, the manifest resealed
     import hashlib
 
     import pyarrow.ipc as ipc
@@ -185,7 +189,7 @@ def prepare(tmp: Path) -> None:
     raw = json.loads((tmp / "newer-shard" / "manifest.json").read_text())
     p = tmp / "newer-shard" / raw["shards"][0]["file"]
     table = ipc.open_stream(pa.memory_map(str(p))).read_all()
-    table = table.replace_schema_metadata({**table.schema.metadata, b"teachercache.format_version": b"2"})
+    table = table.replace_schema_metadata({**table.schema.metadata, b"teachercache.format_version": str(S.FORMAT_VERSION + 1).encode()})
     with ipc.new_stream(str(p), table.schema) as writer:
         writer.write_table(table)
     raw["shards"][0].update(sha256=hashlib.sha256(p.read_bytes()).hexdigest(), bytes=p.stat().st_size)

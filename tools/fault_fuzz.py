@@ -190,12 +190,11 @@ class Pool:
 
 
 def ipc_messages(data: bytes) -> list[tuple[int, int, int, str]]:
-    """(start, metadata length, body length, type) of each message of an Arrow IPC stream (or file)."""
+    """(start, metadata length, body length, type) of each message of an Arrow IPC stream."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
     reader = pa.BufferReader(pa.py_buffer(data))
-    reader.seek(8 if data[:6] == b"ARROW1" else 0)
     out = []
     while True:
         start = reader.tell()
@@ -420,7 +419,9 @@ def m_manifest_json(case, rng, shards):
             raw["totals"][key] = sum(s[key] for s in raw["shards"])
         what = f"shards[{i}].{key} huge"
     elif action == "version":
-        raw["format_version"] = rng.choice([2, 0, "1", 1.0, True, None, 99])
+        from teachercache.schema import FORMAT_VERSION as v
+
+        raw["format_version"] = rng.choice([v + 1, v - 1, 0, str(v), float(v), True, None, 99])
         what = f"format_version = {raw['format_version']!r}"
     elif action == "reorder":
         raw["shards"].reverse()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -113,7 +114,7 @@ def test_kernels_match_references_on_random_batches(sampled):
     args = (rp, batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.target_counts, ctx, layout)
     got = codec.encode_targets(*args)
     _assert_same_streams(got, codec.encode_targets_reference(*args))
-    assert (got.refs > 0).mean() > 0.05  # references are exercised
+    assert np.unpackbits(got.hits).mean() > 0.05 and got.refs.max() > 0  # hits and ranks are exercised
     sizes = np.diff(batch.target_offsets).astype(np.uint16)
     dec = codec.decode_targets(sizes, rp, ctx, got, layout)
     ref = codec.decode_targets_reference(sizes, rp, ctx, got, layout)
@@ -224,15 +225,22 @@ def _encoded(layout, sampled_counts=None):
     (lambda s: s.ids.__setitem__(slice(None), 0xFF), "outside the vocabulary"),
     (lambda s: s.value_offsets.__setitem__(-1, 10**9), "offsets of the target streams are inconsistent"),
     (lambda s: s.refs.__setitem__(-2, 0x7F), "outside its reference list"),
-    (lambda s: s.refs.__setitem__(-3, 0), "more or fewer symbols"),
+    (lambda s: s.hits.__setitem__(-1, 0b001), "more or fewer symbols"),  # a hit turned into a miss
+    (lambda s: s.hits.__setitem__(-1, 0b111), "runs past its stream"),  # a miss into a hit: no rank left
+    (lambda s: s.hits.__setitem__(-1, 0b1011), "bits set past the row's last entry"),
+    (lambda s: s.hits.__setitem__(0, 0b001), "marked a hit but its position has no reference"),
+    (lambda s: setattr(s, "hits", s.hits[:-1]) or setattr(s, "hit_offsets", np.array([0, 1, 1])),
+     "bitmap's length does not match"),
 ])
 def test_decode_refuses_damaged_streams(damage, problem):
     layout = S.Layout(vocab_size=10)
     offsets, rp, streams = _encoded(layout)
     streams.ids = streams.ids.copy()
     streams.values = streams.values.copy()
+    streams.hits = streams.hits.copy()
     streams.refs = streams.refs.copy()
-    assert (streams.refs[-3:] > 0).sum() == 2  # the last position hits twice
+    # the last position hits 9 (rank 2 in the first position's [5, 2, 9]) and then 5 (rank 0); 1 misses
+    assert streams.hits.tolist() == [0, 0b011] and streams.refs.tolist() == [2, 0]
     damage(streams)
     if streams.id_offsets[-1] != len(streams.ids):
         streams.id_offsets = streams.id_offsets.copy()
@@ -245,7 +253,7 @@ def test_decode_refuses_huge_declared_sizes():
     layout = S.Layout(vocab_size=10)
     offsets, rp, streams = _encoded(layout)
     sizes = np.array([65535, 65535, 65535], np.uint16)  # a hostile length: must not read out of bounds
-    with pytest.raises(CacheCorruptError, match="beyond the quantiser|runs past"):
+    with pytest.raises(CacheCorruptError, match="beyond the quantiser|runs past|bitmap.s length"):
         codec.decode_targets(sizes, rp, CTX, streams, layout)
 
 
@@ -259,3 +267,32 @@ def test_damaged_count_stream_is_refused():
         codec.decode_targets(np.diff(offsets).astype(np.uint16), rp, CTX, streams, layout)
 
 
+
+
+def test_rank_select_helpers_match_plain_python():
+    """The decoder finds a hit's id by selecting the set bit of a given rank in a word of unused-entry
+    flags: both selects (BMI2 pdep where the CPU has it, the portable one everywhere) against a loop."""
+    select_portable = numba.njit(lambda x, r: codec._select_bit_portable(x, r))
+    take_rank = numba.njit(lambda words, m: codec._take_rank(words, m))
+    take_unused = numba.njit(lambda words, n, r: codec._take_unused(words, n, r))
+    selects = [select_portable] + ([numba.njit(lambda x, r: codec._select_bit_bmi2(x, r))] if codec.HAS_BMI2 else [])
+    rng = np.random.default_rng(3)
+    words = [0xFFFFFFFFFFFFFFFF, 1, 1 << 63, 0x8000000000000001] + [int(w) for w in rng.integers(0, 2**63, 300)]
+    for x in words:
+        bits = [i for i in range(64) if x >> i & 1]
+        for r in range(len(bits)):
+            for select in selects:
+                assert select(np.uint64(x), r) == bits[r]
+    for n in (1, 63, 64, 65, 200):  # take ids of a list of n entries in a random order, by rank and back
+        unused = list(range(n))
+        a = np.zeros(5, np.uint64)
+        b = np.zeros(5, np.uint64)
+        codec._fill_unused.py_func(a, n)
+        codec._fill_unused.py_func(b, n)
+        for m in rng.permutation(n):
+            rank = unused.index(m)
+            assert take_rank(a, m) == rank
+            assert take_unused(b, (n + 63) // 64, rank) == m
+            unused.remove(m)
+        assert not a.any() and not b.any()
+        assert take_unused(b, (n + 63) // 64, 0) == -1  # nothing left to take

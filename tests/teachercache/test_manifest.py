@@ -35,7 +35,7 @@ def test_round_trip(cache):
     path, manifest = cache
     assert read_manifest(path) == manifest
     raw = json.loads((path / MANIFEST_NAME).read_text())
-    assert raw["format"] == "teachercache" and raw["format_version"] == 1
+    assert raw["format"] == "teachercache" and raw["format_version"] == S.FORMAT_VERSION == 2
     assert raw["layout"]["vocab_size"] == 300 and raw["totals"]["rows"] == 2
     assert raw["shards"][0]["file"] == "shards/part-r000-00000.arrow"
 
@@ -49,7 +49,9 @@ def test_round_trip(cache):
     (lambda r: r["shards"][0].update(rows=-1), CacheFormatError, "negative"),
     (lambda r: r["totals"].update(rows=99), CacheFormatError, "totals"),
     (lambda r: r["layout"].update(vocab_size=0), CacheFormatError, "layout"),
-    (lambda r: r.update(format_version=2), CacheVersionError, "format_version: 2"),
+    (lambda r: r.update(format_version=3), CacheVersionError, "format_version: 3.*release that reads it"),
+    (lambda r: r.update(format_version=1), CacheVersionError, "format_version: 1.*older teachercache.*rebuild"),
+    (lambda r: r.update(format_version=2.0), CacheVersionError, "format_version: 2.0"),
     (lambda r: r.update(format="other"), CacheFormatError, "format"),
     (lambda r: r["shards"][0].update(file="../../etc/passwd"), CachePathError, "not a plain relative path"),
     (lambda r: r["shards"][0].update(file="/etc/passwd"), CachePathError, "not a plain relative path"),

@@ -60,22 +60,21 @@ def test_reader_reads_chosen_columns_only(tmp_path):
     assert full.hidden[1].shape == batches[2].hidden[1].shape
 
 
-def test_a_shard_is_an_arrow_stream_and_older_ipc_file_shards_still_read(tmp_path):
+def test_a_shard_is_an_arrow_stream_and_an_ipc_file_is_refused(tmp_path):
     batches, _ = _write(tmp_path / "s.arrow")
     data = (tmp_path / "s.arrow").read_bytes()
     assert data[:4] == b"\xff\xff\xff\xff" and data[-8:] == b"\xff\xff\xff\xff\x00\x00\x00\x00"
     table = ipc.open_stream(pa.memory_map(str(tmp_path / "s.arrow"))).read_all()
-    with ipc.new_file(str(tmp_path / "f.arrow"), table.schema) as w:  # as shards were written until 2026-11-29
+    with ShardReader(tmp_path / "s.arrow", LAYOUT) as stream:
+        assert stream.num_batches == 3
+        for i in (2, 0, 1):  # random access
+            assert stream.read_record_batch(i).equals(table.to_batches()[i])
+            np.testing.assert_array_equal(stream.read_batch(i).input_ids, batches[i].input_ids)
+    with ipc.new_file(str(tmp_path / "f.arrow"), table.schema) as w:  # the same batches in an IPC *file*
         for record in table.to_batches():
             w.write_batch(record)
-    assert (tmp_path / "f.arrow").read_bytes()[:6] == b"ARROW1"
-    with ShardReader(tmp_path / "s.arrow", LAYOUT) as stream, ShardReader(tmp_path / "f.arrow", LAYOUT) as file:
-        assert stream.num_batches == file.num_batches == 3
-        for i in (2, 0, 1):  # random access, either container
-            assert stream.read_record_batch(i).equals(file.read_record_batch(i))
-            np.testing.assert_array_equal(stream.read_batch(i).input_ids, batches[i].input_ids)
-    with ShardReader(tmp_path / "f.arrow", LAYOUT, columns=[S.REST_MASS]) as file:
-        assert file.read_record_batch(0).schema.names == [S.REST_MASS]
+    with pytest.raises(CacheCorruptError, match="f.arrow.*end-of-stream marker"):
+        ShardReader(tmp_path / "f.arrow", LAYOUT)
 
 
 def test_writer_error_leaves_no_file(tmp_path):
@@ -134,12 +133,13 @@ def test_schema_version_and_layout_are_checked(tmp_path):
     with pytest.raises(CacheFormatError, match="layout differs"):
         ShardReader(tmp_path / "s.arrow", S.Layout(vocab_size=501, hidden_layers=(1,), hidden_width=4))
     table = ipc.open_stream(pa.memory_map(str(tmp_path / "s.arrow"))).read_all()
-    meta = dict(table.schema.metadata)
-    meta[S.META_VERSION] = b"2"  # as a newer teachercache would write it
-    with ipc.new_stream(str(tmp_path / "v2.arrow"), table.schema.with_metadata(meta)) as w:
-        w.write_table(table.replace_schema_metadata(meta))
-    with pytest.raises(CacheVersionError, match="v2.arrow: shard format version 2"):
-        ShardReader(tmp_path / "v2.arrow", LAYOUT)
+    for version, hint in ((S.FORMAT_VERSION + 1, "release that reads it"), (1, "older teachercache.*rebuild")):
+        meta = dict(table.schema.metadata)
+        meta[S.META_VERSION] = str(version).encode()  # as another teachercache would write it
+        with ipc.new_stream(str(tmp_path / f"v{version}.arrow"), table.schema.with_metadata(meta)) as w:
+            w.write_table(table.replace_schema_metadata(meta))
+        with pytest.raises(CacheVersionError, match=f"v{version}.arrow: shard format version {version}.*{hint}"):
+            ShardReader(tmp_path / f"v{version}.arrow", LAYOUT)
 
 
 @st.composite

@@ -91,6 +91,7 @@ def _plant(cache_dir, mutate, unchecked_streams=False):
         columns = dict(zip(clean.schema.names, clean.columns))
         for name, (values, offsets) in {S.TARGET_IDS: (streams.ids, streams.id_offsets),
                                         S.TARGET_VALUES: (streams.values, streams.value_offsets),
+                                        S.TARGET_HITS: (streams.hits, streams.hit_offsets),
                                         S.TARGET_REFS: (streams.refs, streams.ref_offsets)}.items():
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                                      pa.array(values, pa.uint8()))
