@@ -45,7 +45,7 @@ Positions with label -100 have CE 0.
 
 The numba kernel computes losses and the gradient w.r.t. the logits in one pass per row (three sweeps
 over the row: max, exponentials, gradient), parallel over rows. For float32 logits the exponentials
-use a polynomial exp that LLVM vectorises (``_exp_row``; numba's ``math.exp`` is one libm call per
+use a polynomial exp that LLVM vectorises (``fastexp.exp_row``; numba's ``math.exp`` is one libm call per
 element, which made the sweep the kernel's bottleneck); float64 logits keep libm's exp. Its gradient
 is kept from the forward call and scaled in backward (as fused cross-entropy kernels do), so no [N, V]
 log-softmax tensor is ever made. ``sparse_kd_reference`` is the same maths in plain torch with autograd: it serves CUDA
@@ -68,6 +68,8 @@ import numba
 import numpy as np
 import torch
 
+from .fastexp import exp_row
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -77,7 +79,8 @@ PROB_FLOOR = 1e-12
 """Teacher probabilities below this are raised to it inside reverse_kl's log (a p_b = 0 bucket)."""
 
 _LOSS_CODE = {name: i for i, name in enumerate(LOSSES)}
-_LAUNCH_LOCK = threading.Lock()
+LAUNCH_LOCK = threading.Lock()
+"""Held while a numba-parallel kernel runs (workqueue does not take concurrent launches); targets.py too."""
 
 
 @dataclass
@@ -206,60 +209,6 @@ def _bucket_loss(code, p, q, beta, alpha, a):
     return loss
 
 
-# A float32 exp that LLVM vectorises (numba's math.exp is a scalar libm call per element): Cody-Waite
-# reduction x = k ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for exp(r) (relative error ~1e-7,
-# float32's own rounding), and 2^k written as float32 exponent bits into a small scratch array that is
-# read back through a float32 view. Arguments below -87 are clamped there (exp(-87) = 1.6e-38 in place
-# of a denormal or 0: a difference of < 1e-37 in any sum or gradient); NaN passes through.
-_EXP_BLOCK = 2048
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"contract"})
-def _exp_mantissas(row, m, scale, out, bits):
-    for v in range(row.shape[0]):
-        x = (row[v] - m) * scale
-        x = np.float32(-87.0) if x < np.float32(-87.0) else x
-        ki = np.int32(x * _LOG2E - np.float32(0.5))   # x <= 0: truncation rounds to nearest
-        k = np.float32(ki)
-        r = x - k * _LN2_HI - k * _LN2_LO
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        out[v] = p * r * r + r + np.float32(1.0)
-        bits[v] = (ki + np.int32(127)) << np.int32(23)
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
-def _scale_and_sum(out, powers):
-    total = 0.0
-    for v in range(out.shape[0]):
-        e = out[v] * powers[v]
-        out[v] = e
-        total += e
-    return total
-
-
-@numba.njit(nogil=True, cache=True)
-def _exp_row(row, m, scale, out):
-    """out[v] = exp((row[v] - m) * scale) for a float32 row with max m (so every argument is <= 0);
-    returns the sum in float64."""
-    bits = np.empty(_EXP_BLOCK, np.int32)
-    powers = bits.view(np.float32)
-    total = 0.0
-    n = row.shape[0]
-    for a in range(0, n, _EXP_BLOCK):
-        b = min(a + _EXP_BLOCK, n)
-        _exp_mantissas(row[a:b], m, scale, out[a:b], bits)
-        total += _scale_and_sum(out[a:b], powers)
-    return total
-
-
 @numba.njit(nogil=True, parallel=True, cache=True)
 def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, renorm, temperature, beta,
                 alpha, ce_w, kd_w, grad, ce_out, kd_out, exact):
@@ -291,7 +240,7 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                 g[v] = e
                 sum_t += e
         else:
-            sum_t = _exp_row(row, m, inv_t_row, g)
+            sum_t = exp_row(row, m, inv_t_row, g)
         if tempered and label >= 0:
             for v in range(vocab):
                 sum_1 += math.exp(row[v] - m)
@@ -409,7 +358,7 @@ def fused_sparse_kd(logits: torch.Tensor, targets: SparseTargets, labels: torch.
     ce = np.zeros(n)
     kd = np.zeros(n)
     lab = _numpy(labels, np.int64) if labels is not None else np.full(n, -100, np.int64)
-    with _LAUNCH_LOCK:
+    with LAUNCH_LOCK:
         _fused_rows(z.numpy(), _numpy(targets.offsets, np.int64), _numpy(targets.ids, np.int64),
                     _numpy(targets.logprobs, np.float32), _numpy(targets.counts, np.float32),
                     _numpy(targets.rest, np.float32), lab, _numpy(weights, np.float64),

@@ -38,7 +38,8 @@ import numba
 import numpy as np
 import torch
 
-from .kernels import _exp_row
+from .fastexp import exp_row_and_dot
+from .kernels import LAUNCH_LOCK  # also sets numba's threading layer before _top_rows compiles
 from .manifest import TargetSpec
 
 
@@ -182,8 +183,9 @@ def _targets_numba(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: t
     top_lp = np.empty((n, max_k), np.float32)
     sizes = np.empty(n, np.int64)
     label_lp, rest, entropy = (np.empty(n, np.float32) for _ in range(3))
-    _top_rows(x, vocab_size, np.float32(1.0 / spec.temperature), positions.astype(np.int64), labels, float(top_p),
-              min_k, top_ids, top_lp, sizes, label_lp, rest, entropy)
+    with LAUNCH_LOCK:
+        _top_rows(x, vocab_size, np.float32(1.0 / spec.temperature), positions.astype(np.int64), labels,
+                  float(top_p), min_k, top_ids, top_lp, sizes, label_lp, rest, entropy)
     stored = np.arange(max_k)[None, :] < sizes[:, None]
     return TargetArrays(target_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
                         target_ids=top_ids[stored], target_logprobs=top_lp[stored], target_counts=None,
@@ -213,31 +215,52 @@ def _block_maxima(row, out):
         out[full] = m
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _shifted_dot(e, row, m):
-    """sum_v e_v (row_v - m) in float64, vectorised."""
-    total = 0.0
-    for v in range(row.shape[0]):
-        total += e[v] * (row[v] - m)
-    return total
-
-
 @numba.njit(nogil=True, cache=True, inline="always")
 def _rank_key(bits, v):
     """An int64 that orders entries as the top-k wants: by the float32 value whose bits are bits[v], then
-    the smaller id first. (A negative float's bits are flipped so that signed order is float order.)"""
+    the smaller id first. (A negative float's low 31 bits are flipped so that signed order is float
+    order; without a branch, as half the logits are negative and which half is unpredictable.)"""
     b = np.int64(bits[v])
-    if b < 0:
-        b ^= 0x7FFFFFFF
+    b ^= (b >> 63) & 0x7FFFFFFF
     return (b << 32) + (0xFFFFFFFF - v)
+
+
+_BINS = 256
+"""Histogram bins of the block maxima that bound the k-th largest entry (see _kth_bound)."""
+
+
+@numba.njit(nogil=True, cache=True)
+def _kth_bound(maxima, k):
+    """A value t such that at least k block maxima are >= t, and usually only a few more: the maxima
+    counted in _BINS equal bins from the largest down to the smallest finite one, summed from the top
+    until k are counted; t is the lower edge of that bin. (A quickselect of the maxima gives the exact
+    k-th largest but mispredicts a branch on most of its steps: three times slower.)"""
+    hi = maxima.max()
+    lo = hi
+    for x in maxima:
+        lo = min(lo, x if x > -np.inf else hi)
+    if not hi > lo:  # all maxima equal, or NaN / infinite logits: every entry is a candidate
+        return -np.inf
+    scale = (_BINS - 1) / (np.float64(hi) - lo)
+    counts = np.zeros(_BINS, np.int64)
+    for x in maxima:
+        d = (hi - np.float64(x)) * scale
+        d = d if d < _BINS - 1 else _BINS - 1.0   # also -inf and NaN maxima: the last bin
+        counts[np.int64(d)] += 1
+    total = 0
+    for j in range(_BINS):
+        total += counts[j]
+        if total >= k:
+            return hi - (j + 1.001) / scale  # a hair below the bin's edge, for rounding
+    return -np.inf
 
 
 @numba.njit(nogil=True, cache=True)
 def _top_k(row, maxima, out):
     """The k = len(out) best entries of a float32 row as rank keys, best first (id = 0xFFFFFFFF - key's
-    low half). The k-th largest block maximum t is a lower bound of the k-th largest entry (k blocks
-    have an entry >= t), so only entries >= t, in blocks whose maximum is >= t, can be among the best
-    k: typically a little over k of them, found by one partition of the maxima, then sorted."""
+    low half). A bound t below which at least k block maxima lie is a lower bound of the k-th largest
+    entry (k blocks have an entry >= t), so only entries >= t, in blocks whose maximum is >= t, can be
+    among the best k: typically under twice k of them, gathered without branches, then sorted."""
     k = out.shape[0]
     n = row.shape[0]
     bits = row.view(np.int32)
@@ -245,19 +268,19 @@ def _top_k(row, maxima, out):
     c = 0
     keys = np.empty(0, np.int64)
     if nb >= k:
-        t = np.partition(maxima, nb - k)[nb - k]
-        live = 0
+        t = _kth_bound(maxima, k)
+        live = np.empty(nb, np.int64)
+        n_live = 0
         for b in range(nb):
-            if maxima[b] >= t:
-                live += 1
-        keys = np.empty(live * _BLOCK, np.int64)
-        for b in range(nb):
-            if maxima[b] >= t:
-                for v in range(b * _BLOCK, min((b + 1) * _BLOCK, n)):
-                    if row[v] >= t:
-                        keys[c] = _rank_key(bits, v)
-                        c += 1
-    if c < k:   # a short row (fewer blocks than k), or a NaN upset the bound: sort the whole row
+            live[n_live] = b
+            n_live += maxima[b] >= t
+        keys = np.empty(n_live * _BLOCK, np.int64)
+        for i in range(n_live):
+            b = live[i]
+            for v in range(b * _BLOCK, min((b + 1) * _BLOCK, n)):
+                keys[c] = _rank_key(bits, v)
+                c += row[v] >= t
+    if c < k:   # a short row (fewer blocks than k), or NaN / infinite logits: sort the whole row
         keys = np.empty(n, np.int64)
         for v in range(n):
             keys[v] = _rank_key(bits, v)
@@ -280,9 +303,9 @@ def _top_rows(x, vocab, inv_t, positions, labels, top_p, min_k, top_ids, top_lp,
         _block_maxima(row, maxima)
         m = maxima.max()
         e = np.empty(vocab, np.float32)
-        s = _exp_row(row, m, inv_t, e)        # e_v = exp((x_v - m) / T)
+        s, dot = exp_row_and_dot(row, m, inv_t, e)   # e_v = exp((x_v - m) / T), dot = sum_v e_v (x_v - m)
         log_s = math.log(s)
-        entropy[i] = log_s - inv_t * _shifted_dot(e, row, m) / s     # H = lse - sum p x, at 1/T
+        entropy[i] = log_s - inv_t * dot / s     # H = lse - sum p x, at 1/T
         label_lp[i] = (row[labels[i]] - m) * inv_t - log_s
         keys = np.empty(k, np.int64)
         _top_k(row, maxima, keys)

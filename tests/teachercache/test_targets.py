@@ -116,6 +116,31 @@ def test_numba_top_k_keeps_the_smaller_id_on_a_tie_and_matches_torch_at_scale():
                         backend="numba")
 
 
+def test_numba_top_k_matches_a_full_sort_on_awkward_rows():
+    """_top_k bounds the k-th largest entry by a histogram of block maxima; whatever the row (peaked,
+    flat, tied, -inf entries, one finite value, shorter than k blocks), it must give what a full sort
+    by (value descending, id ascending) gives."""
+    from teachercache.targets import _BLOCK, _block_maxima, _top_k
+
+    rng = np.random.default_rng(5)
+    rows = {"normal": rng.normal(0, 3, 8192), "peaked": np.r_[40.0, rng.normal(-10, 1, 8191)],
+            "flat": np.zeros(8192), "two values": np.where(rng.random(8192) < 0.01, 2.0, -1.0),
+            "coarse ties": np.round(rng.normal(0, 2, 8192)), "-inf mostly": np.where(rng.random(8192) < 0.9,
+            -np.inf, rng.normal(0, 1, 8192)), "one finite": np.r_[1.0, np.full(8191, -np.inf)],
+            "huge range": rng.normal(0, 1, 8192) * np.where(rng.random(8192) < 0.01, 1e30, 1.0),
+            "short": rng.normal(0, 1, 300)}
+    for name, row in rows.items():
+        row = row.astype(np.float32)
+        for k in (1, 7, 64):
+            maxima = np.empty((len(row) + _BLOCK - 1) // _BLOCK, np.float32)
+            _block_maxima(row, maxima)
+            keys = np.empty(k, np.int64)
+            _top_k(row, maxima, keys)
+            got = (0xFFFFFFFF - (keys & 0xFFFFFFFF)).tolist()
+            want = np.lexsort((np.arange(len(row)), -row.astype(np.float64)))[:k].tolist()
+            assert got == want, (name, k)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_sampled_targets_equal_inverse_cdf_draws_and_do_not_depend_on_batching(kind):
     logits, ids, mask = _batch(kind, V_TOKENIZER + 20)
