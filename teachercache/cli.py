@@ -63,7 +63,7 @@ def _layers(ctx, param, value):
 @click.option("--max-docs", type=int, default=None, help="Read at most this many documents.")
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Close a shard at this many MB (fractions allowed, e.g. 0.05).")
-@click.option("--zstd-level", type=click.IntRange(1, 22), default=7, show_default=True,
+@click.option("--zstd-level", type=click.IntRange(1, 22), default=1, show_default=True,  # shards.ZSTD_LEVEL
               help="Shard compression (19: smaller, slower).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")

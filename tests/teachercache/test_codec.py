@@ -296,3 +296,14 @@ def test_rank_select_helpers_match_plain_python():
             unused.remove(m)
         assert not a.any() and not b.any()
         assert take_unused(b, (n + 63) // 64, 0) == -1  # nothing left to take
+
+
+def test_encoder_sort_handles_any_order():
+    """The encoder's insertion sort (hands over to a quicksort when the input is far from sorted)."""
+    rng = np.random.default_rng(4)
+    for keys in (np.arange(64), np.arange(64)[::-1], rng.integers(0, 50, 300), np.sort(rng.integers(0, 9, 64)),
+                 np.r_[np.arange(60), [3, 1, 70, 2]], np.zeros(0, np.int64), np.array([5])):
+        keys = np.asarray(keys, np.int64)
+        got = keys.copy()
+        codec._sort_nearly_sorted(got)
+        np.testing.assert_array_equal(got, np.sort(keys))
