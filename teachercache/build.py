@@ -6,7 +6,9 @@
 
 The device never waits on encoding or disk while the queue has room: the writer thread runs beside the
 forward pass, and the queue bounds memory to ``queue_batches`` batches. One forward batch becomes one
-Arrow record batch.
+Arrow record batch. A CPU teacher's top-k and nucleus targets (the numba pass) are computed in the
+writer thread too, beside the next forward pass, whose threads leave gaps on the cores (tools/bench_build.py:
+about 3% of the forward's time saved); the queue then holds one batch of logits at most.
 
 Resume: after each shard is closed, ``state/rank-{r}.json`` records the shards done and the rows they
 cover (written atomically). ``--resume`` checks those shards' checksums, removes anything else the rank
@@ -83,7 +85,7 @@ class BuildOptions:
     trust_remote_code: bool = False
     """Let transformers run the teacher repository's own code (off unless asked for)."""
     queue_batches: int = 4
-    """Batches waiting for the writer at most (bounds memory)."""
+    """Batches waiting for the writer at most (bounds memory); 1 when the writer computes the targets."""
     targets_backend: str = "auto"
     """compute_targets' backend: auto (numba for top-k/nucleus of a CPU teacher, else torch), torch, numba."""
     progress: bool = True
@@ -245,8 +247,36 @@ def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int
         yield mine
 
 
+@dataclass
+class _Pending:
+    """A batch whose forward pass is done and whose targets are not computed yet."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    row_indices: list[int]
+    rows: RowBatch
+    """Everything but the targets, filled in by finish()."""
+
+    def finish(self, options: BuildOptions, vocab_size: int) -> RowBatch:
+        t = compute_targets(self.logits, self.ids, self.mask, options.targets, vocab_size,
+                            row_indices=self.row_indices, backend=options.targets_backend)
+        rb, self.logits = self.rows, None
+        rb.target_offsets, rb.target_ids, rb.target_logprobs = t.target_offsets, t.target_ids, t.target_logprobs
+        rb.target_counts, rb.label_logprob, rb.rest_mass, rb.entropy = (t.target_counts, t.label_logprob,
+                                                                       t.rest_mass, t.entropy)
+        return rb
+
+
+def _defer_targets(options: BuildOptions, device) -> bool:
+    """Whether the writer thread computes the targets: for the numba pass over CPU logits (on a GPU the
+    targets run on the device, and only compact results cross to the host)."""
+    return device.type == "cpu" and options.targets.kind != "sample" and options.targets_backend != "torch"
+
+
 @torch.no_grad()
-def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, device) -> RowBatch:
+def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, device,
+             defer: bool = False) -> RowBatch | _Pending:
     lengths = [len(r.input_ids) for _, r in batch]
     T = max(lengths)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
@@ -260,26 +290,25 @@ def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, 
     padded = min(lengths) < T  # a mask only where there is padding: without one, attention stays causal-only
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device) if padded else None,
                 output_hidden_states=bool(options.hidden_layers))
-    t = compute_targets(out.logits, ids.to(device), mask.to(device), options.targets, vocab_size,
-                        row_indices=[i for i, _ in batch], backend=options.targets_backend)
     rb = RowBatch(row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                   input_ids=np.concatenate([r.input_ids for _, r in batch]),
-                  target_mask=np.concatenate([r.target_mask for _, r in batch]),
-                  target_offsets=t.target_offsets, target_ids=t.target_ids, target_logprobs=t.target_logprobs,
-                  target_counts=t.target_counts, label_logprob=t.label_logprob, rest_mass=t.rest_mass,
-                  entropy=t.entropy)
+                  target_mask=np.concatenate([r.target_mask for _, r in batch]))
     rows, cols = torch.nonzero(mask, as_tuple=True)
     for layer in options.hidden_layers:
         rb.hidden[layer] = out.hidden_states[layer][rows.to(device), cols.to(device)].float().cpu().numpy()
-    return rb
+    pending = _Pending(out.logits, ids.to(device), mask.to(device), [i for i, _ in batch], rb)
+    return pending if defer else pending.finish(options, vocab_size)
 
 
 class _Writer(threading.Thread):
     """Encodes and writes batches from a bounded queue; records resume state after each shard."""
 
-    def __init__(self, writer: CacheWriter, state_path: Path, rows_done: int, max_batches: int):
+    def __init__(self, writer: CacheWriter, state_path: Path, rows_done: int, max_batches: int,
+                 finish=None):
         super().__init__(daemon=True, name="teachercache-writer")
         self.writer, self.state_path, self.rows_done = writer, state_path, rows_done
+        self.finish = finish
+        """Turns a _Pending batch into a RowBatch (its targets computed here)."""
         self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.error: BaseException | None = None
 
@@ -294,6 +323,8 @@ class _Writer(threading.Thread):
                     self.writer.abort()
                     return
                 rows_done, batch = item
+                if isinstance(batch, _Pending):
+                    batch = self.finish(batch)
                 n_shards = len(self.writer.shards)
                 self.writer.write(batch)
                 self.rows_done = rows_done
@@ -307,7 +338,7 @@ class _Writer(threading.Thread):
             while self.queue.get() not in (None, self.ABORT):  # let the producer finish
                 pass
 
-    def put(self, rows_done: int, batch: RowBatch):
+    def put(self, rows_done: int, batch: RowBatch | _Pending):
         if self.error is not None:
             raise self.error
         self.queue.put((rows_done, batch))
@@ -366,7 +397,9 @@ def _build_cache(options: BuildOptions) -> BuildResult:
                              zstd_level=options.zstd_level)
         writer.shards = list(done)
         rows_done = state.get("rows_done", 0)
-        thread = _Writer(writer, out / STATE_DIR / f"rank-{rank:03d}.json", rows_done, options.queue_batches)
+        defer = _defer_targets(options, device)
+        thread = _Writer(writer, out / STATE_DIR / f"rank-{rank:03d}.json", rows_done,
+                         1 if defer else options.queue_batches, lambda p: p.finish(options, vocab_size))
         thread.start()
         counts = DocumentCounts()
         tokens, pass_start = 0, time.time()
@@ -375,9 +408,9 @@ def _build_cache(options: BuildOptions) -> BuildResult:
         finished = False
         try:
             for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
-                rb = _forward(model, batch, options, vocab_size, pad, device)
+                rb = _forward(model, batch, options, vocab_size, pad, device, defer)
                 rows_done += len(batch)
-                tokens += rb.num_tokens
+                tokens += sum(len(row.input_ids) for _, row in batch)
                 thread.put(rows_done, rb)
                 if bar is not None:
                     bar.update(counts.read - bar.n)

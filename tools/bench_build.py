@@ -4,11 +4,12 @@
     batch size, logits computed and dropped); (b) the full build (targets, encoding in the writer
     thread, shards, manifest); (b') the same with the targets computed by the torch path instead of the
     numba one a CPU teacher gets. All timed without loading the model. Prints (b)/(a), (b')/(a), tokens/s,
-    bytes/token and the peak RSS of each, then the peak RSS of builds over 1x and 10x the input (each in
-    its own process, so the peaks are its own). The input is the first --docs documents of the corpus,
+    bytes/token and the peak RSS of each, (b)/(a) of each alternating pair (run-to-run noise on a shared
+    machine is several percent), then the peak RSS of builds over 1x and 10x the input (each in its own
+    process, so the peaks are its own). The input is the first --docs documents of the corpus,
     written once (1x) or ten times over (10x) to a jsonl file.
 
-    python tools/bench_build.py                 # ~8 minutes on 2 CPU cores
+    python tools/bench_build.py                 # ~9 minutes on 2 CPU cores
 The last line printed is one JSON object with the figures.
 """
 
@@ -80,7 +81,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--docs", type=int, default=20, help="documents of the 1x input")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b), alternating; best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of (a), (b) and (b'), alternating; best counts")
     args = ap.parse_args()
 
     texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()[: args.docs]
@@ -99,6 +100,7 @@ def main():
         bt = min(full_torch, key=lambda r: r["seconds"])
         ten = run("build", args, many, tmp / "ten")
     ratio = b["seconds"] / a["seconds"]
+    pairs = sorted(f["seconds"] / fw["seconds"] for f, fw in zip(full, fwd))  # each (b) over the (a) just before it
     print(f"input: the first {args.docs} documents of {args.data.name}, seq_len {args.seq_len}, batch {args.batch_size}, "
           f"{args.threads} torch threads; {b['tokens']:,} tokens")
     print(f"(a) bare forward   {a['seconds']:7.2f} s  {a['tokens'] / a['seconds']:8.0f} tokens/s  "
@@ -106,10 +108,12 @@ def main():
     print(f"(b) full build     {b['seconds']:7.2f} s  {b['tokens'] / b['seconds']:8.0f} tokens/s  "
           f"peak RSS {b['peak_rss_mb']:.0f} MB  {b['bytes'] / b['tokens']:.1f} bytes/token")
     print(f"(b') torch targets {bt['seconds']:7.2f} s  {bt['tokens'] / bt['seconds']:8.0f} tokens/s")
-    print(f"(b)/(a) = {ratio:.3f}   (target <= 1.15);  (b')/(a) = {bt['seconds'] / a['seconds']:.3f}")
+    print(f"(b)/(a) = {ratio:.3f}   (target <= 1.15);  (b')/(a) = {bt['seconds'] / a['seconds']:.3f};  "
+          f"(b)/(a) of each alternating pair: {', '.join(f'{r:.3f}' for r in pairs)}")
     print(f"10x input: {ten['tokens']:,} tokens, peak RSS {ten['peak_rss_mb']:.0f} MB = "
           f"{ten['peak_rss_mb'] / b['peak_rss_mb']:.3f} x the 1x build (target <= 1.1)")
     print(json.dumps({"bench": "build", "ratio": ratio, "ratio_torch_targets": bt["seconds"] / a["seconds"],
+                      "pair_ratios": pairs,
                       "forward": a, "build": b, "build_torch_targets": bt, "build_10x": ten,
                       "rss_10x_over_1x": ten["peak_rss_mb"] / b["peak_rss_mb"]}))
 
