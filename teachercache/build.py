@@ -7,8 +7,8 @@
 The device never waits on encoding or disk while the queue has room: the writer thread runs beside the
 forward pass, and the queue bounds memory to ``queue_batches`` batches. One forward batch becomes one
 Arrow record batch. A CPU teacher's top-k and nucleus targets (the numba pass) are computed in the
-writer thread too, beside the next forward pass, whose threads leave gaps on the cores (tools/bench_build.py:
-about 3% of the forward's time saved); the queue then holds one batch of logits at most.
+writer thread too, beside the next forward pass, whose threads leave gaps on the cores (about 3% of the
+forward's time saved, BENCHMARKS.md); the queue then holds one batch of logits at most.
 
 Resume: after each shard is closed, ``state/rank-{r}.json`` records the shards done and the rows they
 cover (written atomically). ``--resume`` checks those shards' checksums, removes anything else the rank
