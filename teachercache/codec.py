@@ -277,7 +277,20 @@ def _select_bit_portable(x, rank):
     return place + np.uint64(_SELECT_IN_BYTE[((x >> place) & np.uint64(0xFF)) * np.uint64(8) + r - before])
 
 
-HAS_BMI2 = "+bmi2" in llvmlite.binding.get_host_cpu_features().flatten().split(",")
+def _target_has_bmi2() -> bool:
+    """Whether numba compiles for a CPU with BMI2: the host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES
+    name another target (a named one without a feature list, e.g. "generic", takes the portable path)."""
+    if numba.config.CPU_FEATURES:
+        return "+bmi2" in numba.config.CPU_FEATURES.split(",")
+    if numba.config.CPU_NAME not in (None, "", "host"):
+        return False
+    try:  # llvmlite cannot list the features of every host; then take the portable path
+        return "+bmi2" in llvmlite.binding.get_host_cpu_features().flatten().split(",")
+    except RuntimeError:
+        return False
+
+
+HAS_BMI2 = _target_has_bmi2()
 """Whether the decoder uses the pdep instruction (x86 since 2013) to find a hit's id; elsewhere (ARM,
 older x86) a portable select that decodes about 25% fewer positions per second."""
 _select_bit = _select_bit_bmi2 if HAS_BMI2 else _select_bit_portable

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -307,3 +312,34 @@ def test_encoder_sort_handles_any_order():
         got = keys.copy()
         codec._sort_nearly_sorted(got)
         np.testing.assert_array_equal(got, np.sort(keys))
+
+
+PORTABLE_ROUND_TRIP = """
+import numpy as np
+from teachercache import codec, schema as S
+assert not codec.HAS_BMI2
+rng = np.random.default_rng(8)
+layout = S.Layout(vocab_size=300)
+groups = [rng.choice(40, 12, replace=False) for _ in range(200)]  # few ids: many entries are hits
+offsets = np.arange(201) * 12
+ids = np.concatenate(groups)
+lps = -rng.random(len(ids)).astype(np.float32) * 6
+rp = np.array([0, 120, 200])
+ctx = (rng.integers(0, 3, 200), np.where(np.arange(200) % 120 == 0, -1, rng.integers(0, 3, 200)))
+streams = codec.encode_targets(rp, offsets, ids, lps, None, ctx, layout)
+got = codec.decode_targets(np.full(200, 12, np.uint16), rp, ctx, streams, layout)
+want = codec.decode_targets_reference(np.full(200, 12, np.uint16), rp, ctx, streams, layout)
+assert np.unpackbits(streams.hits).mean() > 0.2 and streams.refs.max() > 3
+for a, b in zip(got[:3], want[:3]):
+    np.testing.assert_array_equal(a, b)
+print("ok")
+"""
+
+
+def test_decoder_without_bmi2_compiles_and_matches_the_reference(tmp_path):
+    """NUMBA_CPU_NAME=generic makes numba target a CPU without BMI2 (as on ARM): the decoder then finds a
+    hit's id with the portable select, in a fresh process with its own numba cache."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_ROUND_TRIP], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
