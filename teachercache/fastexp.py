@@ -49,21 +49,6 @@ def _scale_and_sum(out, powers):
     return total
 
 
-@numba.njit(nogil=True, cache=True)
-def exp_row(row, m, scale, out):
-    """out[v] = exp((row[v] - m) * scale) for a float32 row with max m (so every argument is <= 0);
-    returns the sum in float64."""
-    bits = np.empty(_EXP_BLOCK, np.int32)
-    powers = bits.view(np.float32)
-    total = 0.0
-    n = row.shape[0]
-    for a in range(0, n, _EXP_BLOCK):
-        b = min(a + _EXP_BLOCK, n)
-        _exp_mantissas(row[a:b], m, scale, out[a:b], bits)
-        total += _scale_and_sum(out[a:b], powers)
-    return total
-
-
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
 def _shifted_dot(e, row, m):
     """sum_v e_v (row_v - m) in float64, vectorised."""
@@ -74,9 +59,9 @@ def _shifted_dot(e, row, m):
 
 
 @numba.njit(nogil=True, cache=True)
-def exp_row_and_dot(row, m, scale, out):
-    """exp_row, and also sum_v out[v] (row[v] - m) (for an entropy), each block summed while it is in
-    the L1 cache; returns both sums in float64."""
+def _exp_blocks(row, m, scale, out, with_dot):
+    """out[v] = exp((row[v] - m) * scale), block by block; returns (sum of out, and when ``with_dot``
+    sum_v out[v] (row[v] - m), each block summed while it is in the L1 cache), in float64."""
     bits = np.empty(_EXP_BLOCK, np.int32)
     powers = bits.view(np.float32)
     total = 0.0
@@ -86,5 +71,19 @@ def exp_row_and_dot(row, m, scale, out):
         b = min(a + _EXP_BLOCK, n)
         _exp_mantissas(row[a:b], m, scale, out[a:b], bits)
         total += _scale_and_sum(out[a:b], powers)
-        dot += _shifted_dot(out[a:b], row[a:b], m)
+        if with_dot:
+            dot += _shifted_dot(out[a:b], row[a:b], m)
     return total, dot
+
+
+@numba.njit(nogil=True, cache=True)
+def exp_row(row, m, scale, out):
+    """out[v] = exp((row[v] - m) * scale) for a float32 row with max m (so every argument is <= 0);
+    returns the sum in float64."""
+    return _exp_blocks(row, m, scale, out, False)[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def exp_row_and_dot(row, m, scale, out):
+    """exp_row, and also sum_v out[v] (row[v] - m) (for an entropy); returns both sums in float64."""
+    return _exp_blocks(row, m, scale, out, True)
