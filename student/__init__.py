@@ -1,5 +1,11 @@
 """student: train small models from a teachercache cache, with the teacher nowhere in memory.
 
-(The trainer, data loader and losses arrive with the trainer issue; the package exists from the start so
-the project layout is stable.)
+``dataset`` (rows of a cache per rank and worker, shuffled, resumable) -> ``collate`` (a StudentBatch)
+-> ``losses`` / ``fused_head`` (sparse KD kernels) and ``hint`` -> ``train`` (the loop, with
+``options``, ``model`` and ``checkpoints``) -> a Hugging Face model directory. ``evaluate`` measures any
+causal LM; ``hf`` plugs the same pieces into transformers.Trainer; ``demo`` is the README's main job.
 """
+
+from teachercache import compat as _compat
+
+_compat.install()

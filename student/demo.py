@@ -28,34 +28,48 @@ DATA = ROOT / "data"
 
 @dataclass(frozen=True)
 class DemoOptions:
-    out: str
+    """The main job's knobs; the defaults are the run recorded in BENCHMARKS.md."""
+
+    out: str = "runs/demo"
+    """Directory for the cache, both students, the table and the plot."""
     teacher: str = str(DATA / "teacher")
+    """The demo teacher (data/teacher)."""
     train_data: str = str(DATA / "corpus" / "train.parquet")
+    """Corpus the teacher is run over."""
     valid_data: str = str(DATA / "corpus" / "valid.parquet")
+    """Held-out split every model is evaluated on."""
     student: str = "llama-small"
+    """Student preset, config or path."""
     max_docs: int | None = 60
+    """Training documents to cache."""
     seq_len: int = 256
+    """Tokens per row."""
     k: int = 64
+    """Ids stored per position (top-k)."""
     steps: int = 400
+    """Optimizer steps per student."""
     batch_size: int = 8
+    """Rows per step."""
     lr: float = 3e-3
-    eval_every: int = 100   # each held-out evaluation of the whole split costs ~6 s on 2 cores
+    """Peak learning rate."""
+    eval_every: int = 100
+    """Held-out evaluation every N steps (each costs ~6 s on 2 cores)."""
     eval_rows: int | None = None
+    """Evaluate on at most this many held-out rows."""
     seed: int = 0
+    """Seed of both students."""
     progress: bool = True
+    """Show progress bars."""
 
 
 def run_demo(options: DemoOptions, echo=print) -> dict:
     """Steps 1-4 of the module docstring; returns the results table as a dict."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from teachercache.build import BuildOptions, build_cache
-    from teachercache.cache import Cache
-    from teachercache.data import DataOptions
-    from teachercache.manifest import TargetSpec
-
-    from .evaluate import evaluate_model
-    from .train import TrainOptions, train
+    from student.options import EvalOptions, KDOptions, ScheduleOptions, TrainOptions
+    from student.train import train
+    from teachercache.format.cache import Cache
+    from teachercache.format.manifest import TargetSpec
+    from teachercache.teacher.build import BuildOptions, build_cache
+    from teachercache.teacher.corpus import DataOptions
 
     started = time.perf_counter()
     out = Path(options.out)
@@ -77,31 +91,21 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
          f"{build_seconds:.1f} s")
 
     runs = {}
-    common = dict(cache=str(out / "cache"), student=options.student, steps=options.steps,
-                  batch_size=options.batch_size, lr=options.lr, warmup_steps=max(1, options.steps // 20),
-                  eval_data=options.valid_data, eval_every=options.eval_every, eval_rows=options.eval_rows,
-                  eval_seq_len=options.seq_len, seed=options.seed, progress=options.progress, log_every=1)
-    for step, (name, kw) in enumerate((("student-kd", dict(kd_alpha=1.0, ce_alpha=0.0)),
-                                       ("student-ce", dict(kd_alpha=0.0, ce_alpha=1.0))), start=2):
+    common = dict(cache=str(out / "cache"), student=options.student, seed=options.seed, progress=options.progress,
+                  log_every=1, schedule=ScheduleOptions(steps=options.steps, batch_size=options.batch_size,
+                                                        lr=options.lr, warmup_steps=max(1, options.steps // 20)),
+                  eval=EvalOptions(data=options.valid_data, every=options.eval_every, rows=options.eval_rows,
+                                   seq_len=options.seq_len))
+    for step, (name, kd) in enumerate((("student-kd", KDOptions(kd_weight=1.0, ce_weight=0.0)),
+                                       ("student-ce", KDOptions(kd_weight=0.0, ce_weight=1.0))), start=2):
         label = "KD from the cache" if name == "student-kd" else "CE only (the twin)"
         echo(f"[{step}/4] training {options.student}, {label}: {options.steps} steps -> {out / name}")
         t0 = time.perf_counter()
-        train(TrainOptions(out=str(out / name), **common, **kw))
+        train(TrainOptions(out=str(out / name), kd=kd, **common))
         runs[name] = time.perf_counter() - t0
 
     echo("[4/4] evaluating on the held-out split")
-    tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer")
-    rows = []
-    for name, path, seconds, bpt in (("teacher", options.teacher, build_seconds, None),
-                                     ("student-kd", out / "student-kd", runs["student-kd"], bytes_per_token),
-                                     ("student-ce", out / "student-ce", runs["student-ce"], None)):
-        model = AutoModelForCausalLM.from_pretrained(path)
-        r = evaluate_model(model, options.valid_data, tokenizer, seq_len=options.seq_len,
-                           max_rows=options.eval_rows)
-        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
-                     "perplexity": round(r.perplexity, 3), "ece": round(r.ece, 4),
-                     "cache_bytes_per_token": None if bpt is None else round(bpt, 2),
-                     "wall_seconds": round(seconds, 1)})
+    rows = evaluate_all(options, out, {"teacher": build_seconds, **runs}, bytes_per_token)
     total_seconds = time.perf_counter() - started
     results = {"options": options.__dict__, "rows": rows, "cache_tokens": totals.tokens,
                "total_wall_seconds": round(total_seconds, 1)}
@@ -113,6 +117,27 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
     echo(table)
     echo(f"\nplot: {out / 'loss_curves.png'}; the whole job: {results['total_wall_seconds'] / 60:.1f} minutes")
     return results
+
+
+def evaluate_all(options: DemoOptions, out: Path, walls: dict[str, float], bytes_per_token: float) -> list[dict]:
+    """Step 4: the teacher and both students on the held-out split, one table row each (``walls``: the
+    seconds of the build and of each student's training)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from student.evaluate import evaluate_model
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer")
+    rows = []
+    for name, path, bpt in (("teacher", options.teacher, None), ("student-kd", out / "student-kd", bytes_per_token),
+                            ("student-ce", out / "student-ce", None)):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        r = evaluate_model(model, options.valid_data, tokenizer, seq_len=options.seq_len,
+                           max_rows=options.eval_rows)
+        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
+                     "perplexity": round(r.perplexity, 3), "ece": round(r.ece, 4),
+                     "cache_bytes_per_token": None if bpt is None else round(bpt, 2),
+                     "wall_seconds": round(walls[name], 1)})
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -134,9 +159,11 @@ def plot_curves(out: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from student.train import METRICS_FILE
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, colour in (("student-kd", "tab:blue"), ("student-ce", "tab:orange")):
-        records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(x) for x in (out / name / METRICS_FILE).read_text().splitlines()]
         evals = [(r["step"], r["eval"]["perplexity"]) for r in records if r.get("eval")]
         if evals:
             left.plot(*zip(*evals), marker="o", color=colour, label=name)

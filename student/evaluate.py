@@ -22,9 +22,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teachercache.kernels import KDConfig, SparseTargets, sparse_kd_loss
+from student.collate import StudentBatch
+from student.losses import KDConfig, sparse_kd_loss
+from teachercache.errors import TeachercacheError
+from teachercache.format.manifest import MANIFEST_NAME
+from teachercache.runtime import pad_id, resolve_device
 
 ECE_BINS = 15
+
+
+class EvalError(TeachercacheError):
+    """A model or data source that cannot be evaluated."""
+
+
+def load_model(path: str, device: str = "auto", trust_remote_code: bool = False):
+    """(model on its device, tokenizer, device) of any causal LM: a directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise EvalError(f"--model {path}: cannot load a causal LM and its tokenizer ({e})") from None
+    return model, tokenizer, dev
 
 
 @dataclass
@@ -70,55 +91,31 @@ class EvalResult:
         return asdict(self)
 
 
-def _eval_batches(source: str | Path, tokenizer, batch_size: int, seq_len: int, max_rows: int | None):
-    """Collated batches of a cache (with targets) or a text file (labels only)."""
-    from .data import CacheDataset, collate_rows
+def eval_batches(source: str | Path, tokenizer, batch_size: int, seq_len: int, max_rows: int | None):
+    """Batches of a cache (StudentBatch: with the teacher's targets) or of a text file (TokenBatch: packed
+    rows of ``seq_len`` tokens, next-token labels only), in file order."""
+    from student.collate import collate_rows, collate_tokens
+    from student.dataset import CacheDataset
+    from teachercache.teacher.corpus import DataOptions, DocumentCounts, iter_packed_rows
 
     path = Path(source)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if (path / "manifest.json").is_file():
-        rows = []
-        for i, row in enumerate(CacheDataset(path, shuffle=False, rank=0, world_size=1)):
-            if max_rows is not None and i >= max_rows:
-                break
-            rows.append(row)
-            if len(rows) == batch_size:
-                yield collate_rows(rows, pad)
-                rows = []
-        if rows:
-            yield collate_rows(rows, pad)
-        return
-    from teachercache.data import DataOptions, DocumentCounts, iter_rows
-
-    options = DataOptions(paths=(str(path),), seq_len=seq_len)
+    pad = pad_id(tokenizer)
+    if (path / MANIFEST_NAME).is_file():
+        rows, collate = CacheDataset(path, shuffle=False, rank=0, world_size=1), collate_rows
+    else:
+        options = DataOptions(paths=(str(path),), seq_len=seq_len)
+        rows = ((row.input_ids, row.target_mask) for row in iter_packed_rows(options, tokenizer, DocumentCounts()))
+        collate = collate_tokens
     batch = []
-    for i, row in enumerate(iter_rows(options, tokenizer, DocumentCounts())):
+    for i, row in enumerate(rows):
         if max_rows is not None and i >= max_rows:
             break
-        ids = torch.tensor(row.input_ids, dtype=torch.int64)
-        mask = torch.tensor(row.target_mask)
-        batch.append((ids, mask))
+        batch.append(row)
         if len(batch) == batch_size:
-            yield _text_batch(batch, pad)
+            yield collate(batch, pad)
             batch = []
     if batch:
-        yield _text_batch(batch, pad)
-
-
-def _text_batch(rows, pad: int) -> dict:
-    t = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), t), pad, dtype=torch.int64)
-    attention = torch.zeros((len(rows), t), dtype=torch.int64)
-    labels = torch.full((len(rows), t), -100, dtype=torch.int64)
-    for b, (ids, mask) in enumerate(rows):
-        n = len(ids)
-        input_ids[b, :n] = ids
-        attention[b, :n] = 1
-        nxt = torch.full((n,), -100, dtype=torch.int64)
-        nxt[:-1] = ids[1:]
-        labels[b, :n] = torch.where(mask, nxt, -100)
-    positions = (labels.view(-1) >= 0).nonzero()[:, 0]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_positions": positions}
+        yield collate(batch, pad)
 
 
 @torch.no_grad()
@@ -129,35 +126,33 @@ def evaluate_model(model, source: str | Path, tokenizer, *, batch_size: int = 8,
     model.eval()
     nll_sum, kd_sum, agree, correct_sum, positions = 0.0, 0.0, 0, 0, 0
     calib = Calibration.empty()
-    is_cache = (Path(source) / "manifest.json").is_file()
-    for batch in _eval_batches(source, tokenizer, batch_size, seq_len, max_rows):
-        pos = batch["target_positions"]
-        if pos.numel() == 0:
+    is_cache = (Path(source) / MANIFEST_NAME).is_file()
+    for batch in eval_batches(source, tokenizer, batch_size, seq_len, max_rows):
+        if batch.num_positions == 0:
             continue
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        vocab = logits.shape[-1]
-        z = logits.reshape(-1, vocab)[pos.to(device)].float()
-        labels = batch["labels"].reshape(-1)[pos].to(device)
+        batch = batch.to(device)
+        pos = batch.target_positions                               # (P,) flat b * T + t
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        z = logits.reshape(-1, logits.shape[-1])[pos].float()      # (P, V)
+        labels = batch.labels.reshape(-1)[pos]                     # (P,) next tokens
         logq = torch.log_softmax(z, -1)
         nll_sum += float(-logq.gather(1, labels[:, None]).sum())
         conf, top = logq.max(-1)
         correct = top == labels
         correct_sum += int(correct.sum())
         calib.add(conf.exp(), correct)
-        positions += pos.numel()
-        if is_cache:
-            targets = SparseTargets(batch["target_offsets"], batch["target_ids"], batch["target_logprobs"],
-                                    batch["rest_mass"], batch.get("target_counts")).to(device)
+        positions += batch.num_positions
+        if isinstance(batch, StudentBatch):
+            targets = batch.sparse_targets()
             cfg = kd_config or KDConfig(loss="sampled_ce" if targets.counts is not None else "forward_kl")
             if cfg.loss == "sampled_ce" and targets.counts is None:   # a top-k held-out cache
                 cfg = KDConfig(loss="forward_kl", tail=cfg.tail)
-            weights = torch.ones(pos.numel(), dtype=torch.float64, device=device)
+            weights = torch.ones(batch.num_positions, dtype=torch.float64, device=device)
             _, _, kd = sparse_kd_loss(z, targets, None, weights, cfg)
             kd_sum += float(kd.sum())
             first = targets.offsets[:-1]
-            has = targets.offsets[1:] > first
-            teacher_top = targets.ids[first[has]]
+            has = targets.offsets[1:] > first                      # positions with a stored id
+            teacher_top = targets.ids[first[has]]                  # the teacher's most likely stored id
             agree += int((top[has] == teacher_top).sum())
     if positions == 0:
         raise ValueError(f"{source}: no target positions to evaluate")

@@ -1,44 +1,52 @@
 """Train from a cache with ``transformers.Trainer``: a collator and a Trainer subclass.
 
-    from student.data import CacheDataset
-    from student.hf import CacheCollator, DistillationTrainer
-
     trainer = DistillationTrainer(model=student, args=TrainingArguments(..., max_steps=1000),
                                   train_dataset=CacheDataset("CACHE"), data_collator=CacheCollator(tokenizer),
                                   kd_config=KDConfig(loss="forward_kl", tail="rest", ce_weight=0.1))
     trainer.train()
 
-The dataset streams rows (an IterableDataset), so TrainingArguments needs ``max_steps``. The loss of a
-batch is ``sparse_kd_loss`` over its target positions, averaged over them (the same maths as
-``teachercache train``; the global normalisation over accumulated micro-batches is ``student.train``'s
-job, not Trainer's). The batch's target columns are declared as signature columns, so Trainer's
-``remove_unused_columns`` keeps them.
+The dataset streams rows (an IterableDataset), so TrainingArguments needs ``max_steps``. A batch's loss
+is ``sparse_kd_loss`` averaged over its target positions (the maths of ``teachercache train``; the global
+normalisation over accumulated micro-batches is student.train's job, not Trainer's). Trainer moves,
+counts and measures its inputs by key, so the collator hands it a Mapping: ``input_ids`` and
+``attention_mask`` for Trainer's own accounting, the typed StudentBatch under BATCH_KEY for the loss
+(``compute_loss`` moves it to the device itself: Trainer passes a dataclass through unmoved). ROW_KEYS
+are declared as signature columns, so ``remove_unused_columns`` keeps every row field.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from transformers import Trainer
 
-from teachercache.kernels import KDConfig, SparseTargets, sparse_kd_loss
+from student.collate import StudentBatch, collate_rows
+from student.losses import KDConfig, sparse_kd_loss
+from teachercache import runtime
 
 ROW_KEYS = ("input_ids", "target_mask", "target_offsets", "target_ids", "target_logprobs", "target_counts",
             "label_logprob", "rest_mass", "hidden", "row_index")
 """Keys of a CacheDataset row: Trainer's remove_unused_columns filters rows by these before collating."""
+BATCH_KEY = "student_batch"
+"""Where the StudentBatch sits in the Mapping that CacheCollator gives Trainer."""
 
 
 class CacheCollator:
-    """Rows of a CacheDataset -> the batch dict of ``student.data.collate_rows`` (pad id from the tokenizer)."""
+    """Rows of a CacheDataset -> ``{"input_ids", "attention_mask", BATCH_KEY: StudentBatch}`` for Trainer
+    (``student.collate.collate_rows``; the pad id from the tokenizer unless given)."""
 
     def __init__(self, tokenizer=None, pad_id: int | None = None):
-        if pad_id is None:
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.pad_id = pad_id
+        self.pad_id = runtime.pad_id(tokenizer) if pad_id is None else pad_id
 
-    def __call__(self, rows):
-        from .data import collate_rows
+    def __call__(self, rows) -> dict:
+        batch = collate_rows(rows, self.pad_id)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, BATCH_KEY: batch}
 
-        return collate_rows(rows, self.pad_id)
+
+def student_batch(inputs: Mapping | StudentBatch) -> StudentBatch:
+    """The StudentBatch of what CacheCollator made (or a StudentBatch itself)."""
+    return inputs if isinstance(inputs, StudentBatch) else inputs[BATCH_KEY]
 
 
 class DistillationTrainer(Trainer):
@@ -59,13 +67,12 @@ class DistillationTrainer(Trainer):
             self._signature_columns = list(ROW_KEYS)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        pos = inputs["target_positions"]
-        vocab = outputs.logits.shape[-1]
-        logits = outputs.logits.reshape(-1, vocab)[pos].float()
-        labels = inputs["labels"].reshape(-1)[pos]
-        targets = SparseTargets(inputs["target_offsets"], inputs["target_ids"], inputs["target_logprobs"],
-                                inputs["rest_mass"], inputs.get("target_counts"))
+        # Trainer moves the Mapping's tensors, not the dataclass inside it: move the batch here.
+        batch = student_batch(inputs).to(self.args.device)
+        outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        pos = batch.target_positions                                      # (P,) flat b * T + t
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[pos].float()   # (P, V)
+        labels = batch.labels.reshape(-1)[pos]                            # (P,) next tokens
         weights = torch.full((pos.numel(),), 1.0 / max(pos.numel(), 1), dtype=torch.float64, device=logits.device)
-        loss, _, _ = sparse_kd_loss(logits, targets, labels, weights, self.kd_config)
+        loss, _, _ = sparse_kd_loss(logits, batch.sparse_targets(), labels, weights, self.kd_config)
         return (loss, outputs) if return_outputs else loss

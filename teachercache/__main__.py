@@ -1,3 +1,3 @@
-from .cli import main
+from teachercache.cli import main
 
 main(prog_name="teachercache")

@@ -1,13 +1,15 @@
-"""Shared test helpers: random but teacher-like RowBatches, and small real caches written to disk."""
+"""Shared test helpers: random but teacher-like RowBatches, small real caches written to disk, sparse KD cases."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from teachercache import schema as S
-from teachercache.batch import RowBatch
-from teachercache.cache import CacheWriter
-from teachercache.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
+from student.losses import SparseTargets
+from teachercache.format import schema as S
+from teachercache.format.batch import RowBatch
+from teachercache.format.cache import CacheWriter
+from teachercache.format.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
 
 
 def random_batch(rng: np.random.Generator, layout: S.Layout, row_lengths, k: int | None = 8,
@@ -57,3 +59,46 @@ def write_cache(path, batches, layout: S.Layout, shard_bytes: int = 1 << 30):
             tokenizer=TokenizerInfo(fingerprint="f" * 64, vocab_size=layout.vocab_size),
             data=DataInfo(sources=["test"], fingerprint="d" * 64, seq_len=16, packing="concat",
                           documents_read=3, documents_used=3))
+
+
+def sparse_case(seed: int, n: int = 10, vocab: int = 37, max_k: int = 6, adversarial: bool = False):
+    """Random logits and sparse targets; adversarial adds k=1, rest 0 and 1, -inf log-probs, id V-1,
+    unsorted ids, masked positions and a label of -100."""
+    rng = np.random.default_rng(seed)
+    logits = torch.tensor(rng.normal(0, 3, (n, vocab)), dtype=torch.float32)
+    sizes = rng.integers(0, max_k + 1, n)
+    if adversarial:
+        sizes[0], sizes[1], sizes[2], sizes[3] = 1, 3, 4, max_k
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids, logprobs, counts, rest = [], [], [], []
+    for i, k in enumerate(sizes):
+        teacher = torch.log_softmax(torch.tensor(rng.normal(0, 3, vocab)), -1).numpy()
+        chosen = rng.permutation(vocab)[:k]                   # distinct, unsorted
+        lp = teacher[chosen]
+        r = max(0.0, 1.0 - float(np.exp(lp).sum()))
+        if adversarial and i == 1:
+            chosen[0] = vocab - 1
+            lp = np.log(np.array([0.5, 0.3, 0.2]))
+            r = 0.0                                           # all the mass stored
+        if adversarial and i == 2:
+            lp[1] = -np.inf                                   # an entry with p = 0
+            r = 1.0 - float(np.exp(lp).sum())
+        if adversarial and i == 0:
+            lp = np.array([-30.0])
+            r = 1.0                                           # nearly all mass outside
+        ids.append(chosen)
+        logprobs.append(lp)
+        counts.append(rng.integers(1, 9, k))
+        rest.append(r)
+    labels = torch.tensor(rng.integers(0, vocab, n))
+    weights = torch.tensor(rng.uniform(0.2, 1.0, n))
+    if adversarial:
+        labels[4] = -100
+        weights[5] = 0.0                                      # masked out
+        labels[6] = vocab - 1
+    targets = SparseTargets(torch.tensor(offsets, dtype=torch.int64),
+                            torch.tensor(np.concatenate(ids), dtype=torch.int64),
+                            torch.tensor(np.concatenate(logprobs), dtype=torch.float32),
+                            torch.tensor(rest, dtype=torch.float32),
+                            torch.tensor(np.concatenate(counts), dtype=torch.float32))
+    return logits, targets, labels, weights

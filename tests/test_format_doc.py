@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from teachercache import schema as S
-from teachercache.cache import Cache
-
 from helpers import random_batch, write_cache
+
+from teachercache.format import schema as S
+from teachercache.format.cache import Cache
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 

@@ -84,11 +84,11 @@ def test_the_scan_would_catch_them():
 def test_trust_remote_code_is_off_unless_asked_for():
     import click
 
-    from student.cli import eval_command, train_command
-    from student.train import TrainOptions
-    from teachercache.build import BuildOptions
-    from teachercache.cli import build_command
-    from teachercache.data import DataOptions
+    from student.options import TrainOptions
+    from teachercache.cli.cache import build_command
+    from teachercache.cli.student import eval_command, train_command
+    from teachercache.teacher.build import BuildOptions
+    from teachercache.teacher.corpus import DataOptions
 
     assert BuildOptions(teacher="t", data=DataOptions(paths=("x",)), out="o").trust_remote_code is False
     assert TrainOptions(cache="c", student="s", out="o").trust_remote_code is False
@@ -109,12 +109,12 @@ TRAVERSALS = ["../outside.arrow", "/etc/hostname", "shards/../../outside.arrow",
 
 @pytest.mark.parametrize("name", TRAVERSALS)
 def test_manifest_paths_cannot_leave_the_cache(tmp_path, name):
-    from teachercache import schema as S
-    from teachercache.cache import Cache
-    from teachercache.errors import CachePathError
-    from teachercache.manifest import MANIFEST_NAME
-
     from helpers import random_batch, write_cache
+
+    from teachercache.errors import CachePathError
+    from teachercache.format import schema as S
+    from teachercache.format.cache import Cache
+    from teachercache.format.manifest import MANIFEST_NAME
 
     layout = S.Layout(vocab_size=50)
     write_cache(tmp_path / "c", [random_batch(np.random.default_rng(0), layout, [6])], layout)
@@ -127,11 +127,11 @@ def test_manifest_paths_cannot_leave_the_cache(tmp_path, name):
 
 
 def test_a_shard_symlinked_out_of_the_cache_is_refused(tmp_path):
-    from teachercache import schema as S
-    from teachercache.cache import Cache
-    from teachercache.errors import CachePathError
-
     from helpers import random_batch, write_cache
+
+    from teachercache.errors import CachePathError
+    from teachercache.format import schema as S
+    from teachercache.format.cache import Cache
 
     layout = S.Layout(vocab_size=50)
     m = write_cache(tmp_path / "c", [random_batch(np.random.default_rng(0), layout, [6])], layout)
@@ -147,9 +147,9 @@ HOSTILE_DECODE = r'''
 import sys
 import numpy as np
 import pyarrow as pa
-from teachercache import codec, schema as S
+from teachercache.format import codec, schema as S
 from teachercache.errors import CacheCorruptError, CacheFormatError
-from teachercache.records import decode_batch, encode_batch
+from teachercache.format.records import decode_batch, encode_batch
 sys.path.insert(0, sys.argv[1])
 from helpers import random_batch
 
@@ -294,11 +294,11 @@ def test_hostile_lengths_never_read_out_of_bounds(tmp_path):
 def test_a_shard_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind, checksums):
     import signal
 
-    from teachercache import schema as S
-    from teachercache.cache import Cache
-    from teachercache.errors import CacheCorruptError
-
     from helpers import random_batch, write_cache
+
+    from teachercache.errors import CacheCorruptError
+    from teachercache.format import schema as S
+    from teachercache.format.cache import Cache
 
     layout = S.Layout(vocab_size=50)
     m = write_cache(tmp_path / "c", [random_batch(np.random.default_rng(0), layout, [6])], layout)

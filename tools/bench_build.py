@@ -1,6 +1,6 @@
 """Benchmark of the teacher pass on the demo teacher (CPU): build overhead and memory.
 
-(a) the bare teacher forward over the same batches the build makes (rows from teachercache.data, the same
+(a) the bare teacher forward over the same batches the build makes (rows from teachercache.teacher.corpus, the same
     batch size, logits computed and dropped); (b) the full build (targets, encoding in the writer
     thread, shards, manifest); (b') the same with the targets computed by the torch path instead of the
     numba one a CPU teacher gets. All timed without loading the model. Prints (b)/(a), (b')/(a), tokens/s,
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, resource, sys, time
 import torch
-from teachercache.build import BuildOptions, build_cache
-from teachercache.data import DataOptions, DocumentCounts, iter_rows
-from teachercache.manifest import TargetSpec
+from teachercache.teacher.build import BuildOptions, build_cache
+from teachercache.teacher.corpus import DataOptions, DocumentCounts, iter_packed_rows
+from teachercache.format.manifest import TargetSpec
 mode, teacher, data, out, seq_len, batch, threads = sys.argv[1:]
 torch.set_num_threads(int(threads))
 opts = BuildOptions(teacher=teacher, out=out, batch_size=int(batch), progress=False,
@@ -44,7 +44,7 @@ if mode == "forward":
     tok = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    rows = list(iter_rows(opts.data, tok, DocumentCounts()))
+    rows = list(iter_packed_rows(opts.data, tok, DocumentCounts()))
     tokens = 0
     with torch.no_grad():
         for i in range(0, len(rows), opts.batch_size):

@@ -35,13 +35,15 @@ import pyarrow.parquet as pq
 import torch
 import zstandard
 
-from teachercache import codec, schema as S
-from teachercache.batch import RowBatch
-from teachercache.cache import Cache, CacheWriter
-from teachercache.inspect import column_bytes_estimate
-from teachercache.records import decode_batch, record_streams
-from teachercache.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
-from teachercache.shards import ZSTD_LEVEL, ShardReader, decoding_columns
+from teachercache.format import codec, references
+from teachercache.format import schema as S
+from teachercache.format.batch import RowBatch
+from teachercache.format.cache import Cache, CacheWriter
+from teachercache.format.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
+from teachercache.format.quantizer import quantize_reference
+from teachercache.format.records import decode_batch, record_streams
+from teachercache.format.shards import ZSTD_LEVEL, ShardReader, decoding_columns
+from teachercache.inspect.report import column_bytes_estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_COLUMNS = (S.TARGET_IDS, S.TARGET_VALUES, S.TARGET_HITS, S.TARGET_REFS, S.TARGET_SIZES)
@@ -165,7 +167,7 @@ def decode_speed(cache: Cache, repeats: int) -> dict:
         for b in range(reader.num_batches):
             r = reader.read_record_batch(b)
             rows = decode_batch(r.select([S.INPUT_IDS, S.TARGET_MASK, S.TARGET_SIZES]), cache.layout)
-            contexts = codec.position_contexts(rows.input_ids, rows.target_mask, rows.row_offsets)
+            contexts = references.position_contexts(rows.input_ids, rows.target_mask, rows.row_offsets)
             prepared.append((rows.target_sizes.astype(np.uint16), rows.row_positions, contexts,
                              record_streams(r, cache.layout)))
             positions += rows.num_positions
@@ -221,12 +223,12 @@ def id_coding_variants(batches: list[RowBatch], layout: S.Layout, level: int = 7
     positions = 0
     for b in batches:
         rp = np.array([0, b.num_positions])
-        ctx = codec.position_contexts(b.input_ids, b.target_mask, b.row_offsets)
+        ctx = references.position_contexts(b.input_ids, b.target_mask, b.row_offsets)
         ours = codec.encode_targets(rp, b.target_offsets, b.target_ids, b.target_logprobs, None, ctx, layout)
         totals["ours"] += size(ours.ids, ours.values, ours.hits, ours.refs)
         # without references: every entry's symbol (tie gap or id) in byte planes
         pos = np.repeat(np.arange(b.num_positions), b.target_sizes)
-        codes = codec.quantize_reference(b.target_logprobs, layout.quantizer)
+        codes = quantize_reference(b.target_logprobs, layout.quantizer)
         ids = b.target_ids.astype(np.int64)
         o = np.lexsort((ids, codes, pos))
         p_, c_, i_ = pos[o], codes[o], ids[o]

@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from teachercache.kernels import KDConfig, SparseTargets, fused_linear_sparse_kd, sparse_kd_loss
+from student.fused_head import fused_linear_sparse_kd
+from student.losses import KDConfig, SparseTargets, sparse_kd_loss
 
 
 def make_targets(n: int, vocab: int, kind: str, seed: int = 0):

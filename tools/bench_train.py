@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
-    "ce": dict(ce_alpha=1.0, kd_alpha=0.0),
+    "ce": dict(kd=dict(ce_weight=1.0, kd_weight=0.0)),
     "topk": dict(cache="topk"),
     "sampled": dict(cache="sampled"),
     "topk_fused": dict(cache="topk", fused_head=True),
@@ -42,9 +42,9 @@ MODES = {
 
 
 def build_caches(work: Path, docs: int, seq_len: int) -> None:
-    from teachercache.build import BuildOptions, build_cache
-    from teachercache.data import DataOptions
-    from teachercache.manifest import TargetSpec
+    from teachercache.format.manifest import TargetSpec
+    from teachercache.teacher.build import BuildOptions, build_cache
+    from teachercache.teacher.corpus import DataOptions
 
     data = DataOptions(paths=(str(ROOT / "data" / "corpus" / "train.parquet"),), seq_len=seq_len, max_docs=docs)
     for name, spec in (("topk", TargetSpec(kind="topk", k=64)),
@@ -57,15 +57,17 @@ def build_caches(work: Path, docs: int, seq_len: int) -> None:
 def child(work: Path, mode: str, student: str, steps: int, batch: int) -> None:
     import torch
 
-    from student.train import TrainOptions, train
+    from student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+    from student.train import METRICS_FILE, train
 
     torch.manual_seed(0)
     kw = dict(MODES[mode])
     cache = kw.pop("cache", "topk")
     out = work / f"run-{mode}"
-    train(TrainOptions(cache=str(work / cache), student=student, out=str(out), steps=steps, batch_size=batch,
-                       shuffle=False, progress=False, log_every=1, **kw))
-    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train(TrainOptions(cache=str(work / cache), student=student, out=str(out),
+                       schedule=ScheduleOptions(steps=steps, batch_size=batch), loader=LoaderOptions(shuffle=False),
+                       kd=KDOptions(**kw.pop("kd", {})), progress=False, log_every=1, **kw))
+    seconds = [json.loads(line)["seconds"] for line in (out / METRICS_FILE).read_text().splitlines()]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"mode": mode, "step_s": statistics.median(seconds[3:] or seconds), "peak_rss": peak}))
 

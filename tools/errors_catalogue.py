@@ -155,7 +155,7 @@ def prepare(tmp: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from teachercache import schema as S
+    from teachercache.format import schema as S
 
     prepare_light(tmp)
     proc = subprocess.run([sys.executable, "-m", "teachercache", *build(out=str(tmp / "good"))], env=ENV,

@@ -56,7 +56,7 @@ def batch_digest(h, batch) -> None:
 def cache_digest(path, verify_checksums: bool = True) -> str:
     """SHA-256 over every decoded value of every shard (shards in file-name order, so a manifest whose
     list was merely reordered reads as the same cache)."""
-    from teachercache.cache import Cache
+    from teachercache.format.cache import Cache
 
     cache = Cache.open(path, verify_checksums=verify_checksums)
     parts = []
@@ -88,7 +88,7 @@ def read_path(path: str, verify_checksums: bool, targets: list[str], expected: s
 
 
 def verify_path(path: str, deep: bool, targets: list[str]) -> dict:
-    from teachercache.verify import verify_cache
+    from teachercache.inspect.verify import verify_cache
 
     try:
         faults = verify_cache(path, deep=deep)
@@ -419,7 +419,7 @@ def m_manifest_json(case, rng, shards):
             raw["totals"][key] = sum(s[key] for s in raw["shards"])
         what = f"shards[{i}].{key} huge"
     elif action == "version":
-        from teachercache.schema import FORMAT_VERSION as v
+        from teachercache.format.schema import FORMAT_VERSION as v
 
         raw["format_version"] = rng.choice([v + 1, v - 1, 0, str(v), float(v), True, None, 99])
         what = f"format_version = {raw['format_version']!r}"

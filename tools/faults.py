@@ -95,7 +95,7 @@ def ordered_digest(cache) -> str:
     """SHA-256 of every decoded value, in reading order."""
     import hashlib
 
-    from teachercache.cache import Cache
+    from teachercache.format.cache import Cache
 
     h = hashlib.sha256()
     for batch in Cache.open(cache).iter_batches():
@@ -104,7 +104,7 @@ def ordered_digest(cache) -> str:
 
 
 def same_cache(cache, ref) -> tuple[bool, str]:
-    from teachercache.verify import verify_cache
+    from teachercache.inspect.verify import verify_cache
 
     if not (Path(cache) / "manifest.json").is_file():
         return False, "no manifest"

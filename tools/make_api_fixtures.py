@@ -1,5 +1,5 @@
 """Write tests/fixtures/openai_chat_logprobs*.jsonl: OpenAI chat completions with logprobs, in the documented
-shape (see teachercache/import_api.py), whose tokens are the demo tokenizer's (data/teacher).
+shape (see teachercache/interop/openai_chat.py), whose tokens are the demo tokenizer's (data/teacher).
 
     python tools/make_api_fixtures.py
 

@@ -51,26 +51,26 @@ CACHES = {
     "sampled": dict(kind="sample", samples=64, seed=0),
     "sampled16": dict(kind="sample", samples=16, seed=0),
 }
-ARMS = {
-    "ce": dict(cache="top8", ce_alpha=1.0, kd_alpha=0.0),
-    "top8-rest": dict(cache="top8", tail="rest"),
-    "top8-renorm": dict(cache="top8", tail="renormalize"),
-    "top64-rest": dict(cache="top64", tail="rest"),
-    "top64-renorm": dict(cache="top64", tail="renormalize"),
-    "nucleus": dict(cache="nucleus", tail="rest"),
+ARMS = {  # the cache, then TrainOptions fields (kd: KDOptions, hint: HintOptions)
+    "ce": dict(cache="top8", kd=dict(ce_weight=1.0, kd_weight=0.0)),
+    "top8-rest": dict(cache="top8", kd=dict(tail="rest")),
+    "top8-renorm": dict(cache="top8", kd=dict(tail="renormalize")),
+    "top64-rest": dict(cache="top64", kd=dict(tail="rest")),
+    "top64-renorm": dict(cache="top64", kd=dict(tail="renormalize")),
+    "nucleus": dict(cache="nucleus", kd=dict(tail="rest")),
     "sampled": dict(cache="sampled"),
-    "sampled-hint": dict(cache="sampled", hint_layers="2:2", hint_alpha=0.1),
+    "sampled-hint": dict(cache="sampled", hint=dict(layers="2:2", weight=0.1)),
     "sampled16": dict(cache="sampled16"),
-    "top64-renorm-ce": dict(cache="top64", tail="renormalize", ce_alpha=0.5, kd_alpha=0.5),
+    "top64-renorm-ce": dict(cache="top64", kd=dict(tail="renormalize", ce_weight=0.5, kd_weight=0.5)),
     "online": dict(cache="top8", online_teacher=str(TEACHER)),
 }
 
 
 def build_caches(work: Path, docs: int, seq_len: int) -> dict:
-    from teachercache.build import BuildOptions, build_cache
-    from teachercache.cache import Cache
-    from teachercache.data import DataOptions
-    from teachercache.manifest import TargetSpec
+    from teachercache.format.cache import Cache
+    from teachercache.format.manifest import TargetSpec
+    from teachercache.teacher.build import BuildOptions, build_cache
+    from teachercache.teacher.corpus import DataOptions
 
     info = {}
     data = DataOptions(paths=(str(TRAIN),), seq_len=seq_len, max_docs=docs)
@@ -89,7 +89,7 @@ def build_caches(work: Path, docs: int, seq_len: int) -> dict:
 
 
 def _column_bytes(cache) -> dict:
-    from teachercache.inspect import column_bytes_estimate
+    from teachercache.inspect.report import column_bytes_estimate
 
     return column_bytes_estimate(cache)
 
@@ -98,7 +98,8 @@ def run_arm(work: Path, arm: str, seed: int, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from student.evaluate import evaluate_model
-    from student.train import TrainOptions, train
+    from student.options import HintOptions, KDOptions, ScheduleOptions, TrainOptions
+    from student.train import METRICS_FILE, train
 
     kw = dict(ARMS[arm])
     cache = work / "caches" / kw.pop("cache")
@@ -107,10 +108,12 @@ def run_arm(work: Path, arm: str, seed: int, args) -> dict:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        train(TrainOptions(cache=str(cache), student=args.student, out=str(out), steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 20),
-                           seed=seed, progress=False, log_every=10, **kw))
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        schedule = ScheduleOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   warmup_steps=max(1, args.steps // 20))
+        train(TrainOptions(cache=str(cache), student=args.student, out=str(out), schedule=schedule, seed=seed,
+                           progress=False, log_every=10, kd=KDOptions(**kw.pop("kd", {})),
+                           hint=HintOptions(**kw.pop("hint", {})), **kw))
+    records = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     seconds = sum(r["seconds"] for r in records) * (args.steps / max(1, len(records)))
     tokens = sum(r["positions"] for r in records) * (args.steps / max(1, len(records)))
     tok = AutoTokenizer.from_pretrained(cache / "tokenizer")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from teachercache.cli import main
-from teachercache.verify import verify_cache
+from teachercache.inspect.verify import verify_cache
 
 
 def test_demo_writes_a_verified_cache_students_a_table_and_a_plot(tmp_path):

@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TrainingArguments
 
-from student.data import CacheDataset
-from student.hf import CacheCollator, DistillationTrainer
-from student.train import load_student
-from teachercache.build import BuildOptions, build_cache
-from teachercache.data import DataOptions
-from teachercache.kernels import KDConfig, SparseTargets, sparse_kd_loss
-from teachercache.manifest import TargetSpec
+from student.collate import StudentBatch
+from student.dataset import CacheDataset
+from student.hf import BATCH_KEY, CacheCollator, DistillationTrainer
+from student.losses import KDConfig, SparseTargets, sparse_kd_loss
+from student.model import load_student
+from teachercache.format.manifest import TargetSpec
+from teachercache.teacher.build import BuildOptions, build_cache
+from teachercache.teacher.corpus import DataOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,16 +35,21 @@ def test_trainer_subclass_trains_with_the_sparse_kd_loss(tmp_path):
                              dataloader_num_workers=0)
     trainer = DistillationTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
                                   data_collator=collator, kd_config=cfg)
+    # Trainer gets a Mapping: the token tensors for its own accounting, and the typed batch
+    inputs = collator([row for _, row in zip(range(4), CacheDataset(cache, shuffle=False))])
+    batch = inputs[BATCH_KEY]
+    assert isinstance(batch, StudentBatch) and set(inputs) == {"input_ids", "attention_mask", BATCH_KEY}
+    assert inputs["input_ids"] is batch.input_ids and inputs["attention_mask"] is batch.attention_mask
+    assert collator.pad_id == (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     # the loss Trainer computes is the kernel's loss over the batch's target positions
-    batch = collator([row for _, row in zip(range(4), CacheDataset(cache, shuffle=False))])
-    want_model_loss = trainer.compute_loss(model, batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    pos = batch["target_positions"]
+    want_model_loss = trainer.compute_loss(model, inputs)
+    assert trainer.compute_loss(model, batch).item() == want_model_loss.item()
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    pos = batch.target_positions
     z = out.reshape(-1, out.shape[-1])[pos]
-    targets = SparseTargets(batch["target_offsets"], batch["target_ids"], batch["target_logprobs"],
-                            batch["rest_mass"])
-    want, _, _ = sparse_kd_loss(z, targets, batch["labels"].reshape(-1)[pos], None, cfg, backend="torch")
-    assert want_model_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    targets = SparseTargets(batch.target_offsets, batch.target_ids, batch.target_logprobs, batch.rest_mass)
+    want, _, _ = sparse_kd_loss(z, targets, batch.labels.reshape(-1)[pos], None, cfg, backend="torch")
+    assert pos.numel() > 0 and want_model_loss.item() == pytest.approx(want.item(), rel=1e-5)
     before = [p.detach().clone() for p in model.parameters()]
     result = trainer.train()
     assert result.global_step == 4

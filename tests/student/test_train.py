@@ -16,12 +16,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from student.checkpoints import latest_checkpoint
 from student.evaluate import evaluate_model
-from student.train import TrainError, TrainOptions, load_student, train
-from teachercache.build import BuildOptions, build_cache
-from teachercache.data import DataOptions
+from student.model import TrainError, load_student
+from student.options import EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+from student.train import train
 from teachercache.errors import TeachercacheError
-from teachercache.manifest import TargetSpec
+from teachercache.format.manifest import TargetSpec
+from teachercache.teacher.build import BuildOptions, build_cache
+from teachercache.teacher.corpus import DataOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ROOT / "data" / "teacher"
@@ -40,11 +43,12 @@ def caches(tmp_path_factory):
     return root / "train", root / "valid"
 
 
-def _options(caches, out, **kw) -> TrainOptions:
-    base = dict(cache=str(caches[0]), student="llama-tiny", out=str(out), steps=12, batch_size=4, lr=3e-3,
-                warmup_steps=2, progress=False, log_every=1, shuffle_buffer=64)
-    base.update(kw)
-    return TrainOptions(**base)
+def _options(caches, out, steps=12, kd=KDOptions(), hint=HintOptions(), eval=EvalOptions(), **kw) -> TrainOptions:
+    """The tests' run: a tiny student, 12 steps of 4 rows; ``kw`` sets other TrainOptions fields."""
+    kw.setdefault("student", "llama-tiny")
+    return TrainOptions(cache=str(caches[0]), out=str(out), progress=False, log_every=1,
+                        schedule=ScheduleOptions(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2),
+                        loader=LoaderOptions(shuffle_buffer=64), kd=kd, hint=hint, eval=eval, **kw)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -56,7 +60,7 @@ def test_training_from_the_cache_moves_the_student_towards_the_teacher(caches, t
     torch.manual_seed(0)
     untrained = load_student("llama-tiny", 8192)
     before = evaluate_model(untrained, caches[1], tok, batch_size=8)
-    result = train(_options(caches, tmp_path / "s", steps=40, eval_data=str(caches[1]), eval_every=20))
+    result = train(_options(caches, tmp_path / "s", steps=40, eval=EvalOptions(data=str(caches[1]), every=20)))
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     after = evaluate_model(student, caches[1], tok, batch_size=8)
     assert after.kd_loss < 0.8 * before.kd_loss
@@ -65,6 +69,9 @@ def test_training_from_the_cache_moves_the_student_towards_the_teacher(caches, t
     assert result.eval["kd_loss"] == pytest.approx(after.kd_loss, rel=1e-4)
     summary = json.loads((tmp_path / "s" / "training_summary.json").read_text())
     assert summary["steps"] == 40 and summary["kd"]["loss"] == "forward_kl"
+    assert set(summary) == {"options", "steps", "final_loss", "eval", "seconds", "cache", "cache_fingerprint", "kd"}
+    assert summary["options"]["schedule"]["steps"] == 40 and summary["options"]["eval"]["every"] == 20
+    assert summary["final_loss"] == result.final_loss and summary["eval"] == result.eval
     assert (tmp_path / "s" / "model.safetensors").is_file() and (tmp_path / "s" / "tokenizer.json").is_file()
     rows = _metrics(tmp_path / "s")
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -72,8 +79,8 @@ def test_training_from_the_cache_moves_the_student_towards_the_teacher(caches, t
 
 
 def test_fused_head_trains_exactly_like_the_unfused_path(caches, tmp_path):
-    a = train(_options(caches, tmp_path / "a", steps=3, ce_alpha=0.5, temperature=1.5))
-    b = train(_options(caches, tmp_path / "b", steps=3, ce_alpha=0.5, temperature=1.5, fused_head=True,
+    a = train(_options(caches, tmp_path / "a", steps=3, kd=KDOptions(ce_weight=0.5, temperature=1.5)))
+    b = train(_options(caches, tmp_path / "b", steps=3, kd=KDOptions(ce_weight=0.5, temperature=1.5), fused_head=True,
                        chunk_size=50))
     la, lb = _metrics(a.out), _metrics(b.out)
     for x, y in zip(la, lb):
@@ -84,7 +91,7 @@ def test_fused_head_trains_exactly_like_the_unfused_path(caches, tmp_path):
 
 
 def test_hint_loss_trains_and_saves_phi(caches, tmp_path):
-    result = train(_options(caches, tmp_path / "h", steps=3, hint_layers="1:2", hint_alpha=0.5))
+    result = train(_options(caches, tmp_path / "h", steps=3, hint=HintOptions(layers="1:2", weight=0.5)))
     rows = _metrics(result.out)
     assert all(r["hint"] > 0 for r in rows)
     phi = load_file(result.out / "hint_projector.safetensors")
@@ -93,9 +100,9 @@ def test_hint_loss_trains_and_saves_phi(caches, tmp_path):
 
 def test_bad_starts_are_refused_before_any_step(caches, tmp_path):
     with pytest.raises(TeachercacheError, match="stores teacher layers 2, not 3"):
-        train(_options(caches, tmp_path / "x1", hint_layers="1:3"))
+        train(_options(caches, tmp_path / "x1", hint=HintOptions(layers="1:3")))
     with pytest.raises(TeachercacheError, match="student has layers 0..2"):
-        train(_options(caches, tmp_path / "x2", hint_layers="5:2"))
+        train(_options(caches, tmp_path / "x2", hint=HintOptions(layers="5:2")))
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"model_type": "llama", "vocab_size": 4000, "hidden_size": 32,
                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}))
@@ -115,7 +122,7 @@ def test_bad_starts_are_refused_before_any_step(caches, tmp_path):
                              data=DataOptions(paths=(str(VALID),), seq_len=32, max_docs=1),
                              targets=TargetSpec(kind="topk", k=4)))
     with pytest.raises(TeachercacheError, match="stores no hidden states"):
-        train(_options((bare, None), tmp_path / "x5", hint_layers="1:2"))
+        train(_options((bare, None), tmp_path / "x5", hint=HintOptions(layers="1:2")))
     for i in range(1, 6):
         assert not (tmp_path / f"x{i}" / "model.safetensors").exists()
 
@@ -129,6 +136,11 @@ def test_killed_training_resumes_to_the_same_weights(caches, tmp_path):
             "--checkpoint-every", "4", "--no-progress", "--seed", "3", "--warmup-steps", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
+    assert kept == ["step-12", "step-16"]                                 # the two newest are kept
+    assert latest_checkpoint(tmp_path / "whole") == tmp_path / "whole" / "checkpoints" / "step-16"
+    state = json.loads((tmp_path / "whole" / "checkpoints" / "step-16" / "state.json").read_text())["state"]
+    assert state["step"] == 16 and set(state) == {"step", "epoch", "batches"}
     proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "killed")), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -171,4 +183,4 @@ def test_online_teacher_baseline_runs_the_same_loop(caches, tmp_path):
     rows = _metrics(result.out)
     assert len(rows) == 3 and all(r["kd"] > 0 for r in rows)
     with pytest.raises(TrainError, match="forward_kl"):
-        train(replace(_options(caches, tmp_path / "o2", steps=1, online_teacher=str(TEACHER)), kd_loss="tvd"))
+        train(replace(_options(caches, tmp_path / "o2", steps=1, online_teacher=str(TEACHER)), kd=KDOptions(loss="tvd")))

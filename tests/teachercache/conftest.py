@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from teachercache.cache import Cache
-
-from teachercache.build import BuildOptions, build_cache
-from teachercache.data import DataOptions
-from teachercache.manifest import TargetSpec
+from teachercache.format.cache import Cache
+from teachercache.format.manifest import TargetSpec
+from teachercache.teacher.build import BuildOptions, build_cache
+from teachercache.teacher.corpus import DataOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TEACHER = ROOT / "data" / "teacher"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 from click.testing import CliRunner
 
 from teachercache.cli import main
@@ -14,6 +15,7 @@ def test_every_command_has_help_text():
     runner = CliRunner()
     for name, command in main.commands.items():
         assert command.help and len(command.help) > 20, name
+        assert all(p.help for p in command.params if isinstance(p, click.Option)), name
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output
 
@@ -32,3 +34,51 @@ def test_every_command_help_has_an_example():
 def test_python_dash_m_runs_the_same_group():
     out = subprocess.run([sys.executable, "-m", "teachercache", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "verify" in out.stdout and "inspect" in out.stdout
+
+
+def test_flag_defaults_and_help_come_from_the_options_dataclasses():
+    """Defaults are written once: every train flag that fills TrainOptions (directly or in a group) shows
+    that field's default and its docstring, and `split_groups` puts the value back where it came from."""
+    import dataclasses
+
+    from click import Context
+
+    from student.options import TrainOptions
+    from teachercache.cli.options import field_docs, split_groups
+    from teachercache.cli.student import GROUPS, train_command
+
+    checked = 0
+    for param in train_command.params:
+        group, _, name = param.name.rpartition("__")
+        cls = GROUPS[group] if group else TrainOptions
+        spec = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        if spec is None or spec.default is dataclasses.MISSING:
+            continue
+        assert param.get_default(Context(train_command)) == spec.default, param.name
+        if name not in ("trust_remote_code", "progress"):    # these two say which model / bar
+            assert param.help == field_docs(cls)[name], param.name
+        checked += 1
+    assert checked >= 30
+    top, groups = split_groups({"kd__ce_weight": 0.5, "schedule__lr": 0.1, "seed": 3})
+    assert top == {"seed": 3} and groups == {"kd": {"ce_weight": 0.5}, "schedule": {"lr": 0.1}}
+
+
+def test_train_flags_reach_the_nested_options(tmp_path, monkeypatch):
+    """--ce-alpha, --lr, --no-shuffle and --eval-every land in kd, schedule, loader and eval."""
+    import student.train
+
+    seen = {}
+
+    def capture(options):
+        seen["options"] = options
+        raise SystemExit(0)
+
+    monkeypatch.setattr(student.train, "train", capture)
+    result = CliRunner().invoke(main, ["train", "--cache", str(tmp_path), "--student", "llama-tiny", "--out",
+                                       str(tmp_path / "o"), "--ce-alpha", "0.25", "--lr", "0.01", "--no-shuffle",
+                                       "--eval-every", "7", "--skew-alpha", "0.2", "--hint-layers", "1:2"])
+    assert result.exit_code == 0, result.output
+    options = seen["options"]
+    assert (options.kd.ce_weight, options.kd.alpha, options.schedule.lr) == (0.25, 0.2, 0.01)
+    assert options.loader.shuffle is False and options.eval.every == 7 and options.hint.layers == "1:2"
+    assert options.kd.kd_weight == 1.0 and options.schedule.steps == 1000

@@ -1,0 +1,154 @@
+"""What ``teachercache train`` takes: ``TrainOptions``, composed of one small dataclass per concern.
+
+Every default and every help text is written here once (the docstring under each field); the click
+command builds its flags from these fields (teachercache.cli.options.field_option), and the library
+takes the same objects:
+
+    train(TrainOptions(cache="CACHE", student="llama-small", out="OUT",
+                       schedule=ScheduleOptions(steps=200, lr=3e-3), kd=KDOptions(ce_weight=0.1)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from student.losses import KDConfig
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """Steps, batches and the optimizer: AdamW, linear warmup, then cosine decay."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Rows per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear warmup steps, then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a share of the peak."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by total norm (0: off)."""
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """The distillation loss: KDConfig's fields, with the loss chosen by the cache when left out."""
+
+    loss: str | None = None
+    """KD loss, one of student.losses.LOSSES [default: sampled_ce for sampled caches, else forward_kl]."""
+    tail: str = KDConfig.tail
+    """rest: a (k+1)-th bucket for the unstored mass; renormalize: the teacher's stored mass scaled to 1
+    (Axolotl's loss)."""
+    temperature: float = KDConfig.temperature
+    """KD temperature (the KD term is scaled by T²)."""
+    beta: float = KDConfig.beta
+    """jsd: mixture weight."""
+    alpha: float = KDConfig.alpha
+    """skew_kl / skew_reverse_kl: the skew α."""
+    ce_weight: float = KDConfig.ce_weight
+    """Weight of the hard-label cross-entropy."""
+    kd_weight: float = KDConfig.kd_weight
+    """Weight of the KD loss."""
+
+    def config(self, sampled: bool) -> KDConfig:
+        """The kernels' KDConfig for a cache of sampled (or other) targets; ValueError when out of range."""
+        return KDConfig(**{**asdict(self), "loss": self.loss or ("sampled_ce" if sampled else "forward_kl")})
+
+
+@dataclass(frozen=True)
+class HintOptions:
+    """Hint loss between the student's hidden states and the teacher's cached ones (student.hint)."""
+
+    layers: str = ""
+    """Hint pairs STUDENT:TEACHER, e.g. 2:4 (the cache must hold those teacher layers)."""
+    weight: float = 1.0
+    """Weight of the hint loss."""
+    kind: str = "mse"
+    """mse or cosine."""
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How rows are read from the cache (student.dataset)."""
+
+    shuffle: bool = True
+    """Shuffle shards, record batches and rows every epoch (off: file order)."""
+    shuffle_buffer: int = 1024
+    """Rows a reader's shuffle buffer holds."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Held-out evaluation during training (student.evaluate)."""
+
+    data: str | None = None
+    """Held-out cache directory or text file for evaluation."""
+    every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    rows: int | None = None
+    """Evaluate on at most this many rows."""
+    seq_len: int = 512
+    """Text files: tokens per row."""
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Checkpoints (safetensors + JSON) and resuming from them (student.checkpoints)."""
+
+    every: int = 0
+    """Checkpoint every N steps (0: never)."""
+    keep: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the output directory."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `teachercache train` needs; the CLI maps its flags onto this and nothing else."""
+
+    cache: str
+    """Cache directory to learn from."""
+    student: str
+    """Pretrained directory or hub id, a config .json (fresh weights), or a preset: llama-tiny,
+    llama-small, llama-base."""
+    out: str
+    """Directory for the trained student."""
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    """Steps, batches, optimizer and learning-rate schedule."""
+    kd: KDOptions = field(default_factory=KDOptions)
+    """The distillation loss."""
+    hint: HintOptions = field(default_factory=HintOptions)
+    """The hint loss (off unless layers are given)."""
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
+    """Reading the cache."""
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    """Held-out evaluation."""
+    checkpoints: CheckpointOptions = field(default_factory=CheckpointOptions)
+    """Checkpoints and resume."""
+    fused_head: bool = False
+    """LM head + loss in chunks: no [batch, seq, vocab] logits."""
+    chunk_size: int = 1024
+    """fused_head: positions per chunk."""
+    seed: int = 0
+    """Seed of the weights of a fresh student, the shuffle and every RNG."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    online_teacher: str | None = None
+    """Baseline: KD from this live teacher instead of the cache."""
+    device: str = "auto"
+    """auto (cuda if available), cuda, cpu."""
+    trust_remote_code: bool = False
+    """Let transformers run the student repository's own code (off unless asked for)."""
+    progress: bool = True
+    """Show a tqdm bar."""
+

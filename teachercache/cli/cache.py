@@ -1,0 +1,245 @@
+"""Commands that make or read a cache: build, inspect, verify, show, plot, diff, export, import-vllm,
+import-api. Each maps its flags onto one library call (defaults and help from the options dataclasses)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from teachercache.cli.options import (dtype_option, field_docs, field_option, overwrite_option, runtime_options,
+                                      split_groups)
+from teachercache.format.schema import TARGET_KINDS
+from teachercache.inspect.diff import DiffOptions
+from teachercache.interop.export import FORMATS, ExportOptions
+from teachercache.interop.openai_chat import ApiImportOptions
+from teachercache.interop.vllm import VllmImportOptions
+from teachercache.teacher.build import BuildOptions
+from teachercache.teacher.corpus import PACKINGS, DataOptions
+from teachercache.teacher.targets import TargetOptions
+
+
+def _layers(ctx, param, value):
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip()) if value else ()
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give layer indices separated by commas, e.g. 3,6") from None
+
+
+@click.command("build")
+@field_option(BuildOptions, "teacher", "--teacher", required=True)
+@click.option("--data", "data__paths", required=True, multiple=True,
+              help="Input: .jsonl/.parquet/.txt/.arrow file or a directory of them (repeatable).")
+@field_option(BuildOptions, "out", "--out", required=True, type=click.Path(file_okay=False))
+@field_option(DataOptions, "seq_len", "--seq-len", dest="data__seq_len")
+@field_option(DataOptions, "packing", "--packing", dest="data__packing", type=click.Choice(PACKINGS))
+@field_option(BuildOptions, "batch_size", "--batch-size", type=click.IntRange(min=1))
+@dtype_option(BuildOptions)
+@field_option(TargetOptions, "kind", "--target", dest="targets__kind", type=click.Choice(TARGET_KINDS))
+@field_option(TargetOptions, "k", "--k", dest="targets__k")
+@field_option(TargetOptions, "top_p", "--top-p", dest="targets__top_p")
+@field_option(TargetOptions, "min_k", "--min-k", dest="targets__min_k")
+@field_option(TargetOptions, "max_k", "--max-k", dest="targets__max_k")
+@field_option(TargetOptions, "samples", "--samples", dest="targets__samples")
+@field_option(TargetOptions, "seed", "--seed", dest="targets__seed")
+@field_option(TargetOptions, "temperature", "--temperature", dest="targets__temperature")
+@click.option("--hidden-layers", "hidden_layers", callback=_layers, default="",
+              help=field_docs(BuildOptions)["hidden_layers"] + " E.g. 3,6.")
+@field_option(BuildOptions, "hidden_dtype", "--hidden-dtype", type=click.Choice(["bfloat16", "float16"]))
+@field_option(DataOptions, "text_field", "--text-field", dest="data__text_field")
+@field_option(DataOptions, "max_docs", "--max-docs", dest="data__max_docs", type=int)
+@click.option("--shard-mb", "shard_mb", type=click.FloatRange(min=0, min_open=True),
+              default=BuildOptions.shard_bytes / (1 << 20), show_default=True,
+              help="Close a shard at this many MB (fractions allowed, e.g. 0.05).")
+@field_option(BuildOptions, "zstd_level", "--zstd-level", type=click.IntRange(1, 22))
+@field_option(BuildOptions, "resume", "--resume")
+@overwrite_option(BuildOptions)
+@runtime_options(BuildOptions, "teacher")
+def build_command(shard_mb, **values):
+    """Run the teacher once over --data and write the cache to --out.
+
+    \b
+    Example:
+      teachercache build --teacher data/teacher --data data/corpus/valid.parquet --out /tmp/demo-cache --seq-len 256
+    """
+    from teachercache.teacher.build import build_cache
+
+    top, groups = split_groups(values)
+    data = DataOptions(**{**groups["data"], "paths": tuple(groups["data"]["paths"])})
+    options = BuildOptions(**top, data=data, targets=TargetOptions(**groups["targets"]).spec(),
+                           shard_bytes=max(1, int(shard_mb * (1 << 20))))
+    result = build_cache(options)
+    if result.rows:
+        click.echo(f"{options.out}: {result.rows:,} rows, {result.tokens:,} tokens, "
+                   f"{result.bytes / result.tokens:.1f} bytes/token, {result.seconds:.1f} s "
+                   f"({result.tokens / result.seconds:,.0f} tokens/s)")
+
+
+@click.command("inspect")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--sample-batches", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Record batches per shard re-compressed to split bytes by column.")
+def inspect_command(cache, as_json, sample_batches):
+    """Show what is in CACHE: totals, bytes per token by column, targets, fingerprints, and the
+    distributions that matter for distillation (captured mass, entropy, ids per position, rank of the
+    actual next token), per shard too.
+
+    \b
+    Example:
+      teachercache inspect /tmp/demo-cache --json > report.json
+    """
+    from teachercache.inspect.report import format_report, inspect_cache
+
+    report = inspect_cache(cache, sample_batches=sample_batches)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@click.command("verify")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True, help="Also decode every row and check its values (ids, masses, counts).")
+def verify_command(cache, deep):
+    """Check CACHE: manifest, version, checksums, schemas, counts; with --deep every row's values too,
+    each fault named by shard, row and position. Exits 1 on any fault.
+
+    \b
+    Example:
+      teachercache verify /tmp/demo-cache --deep
+    """
+    from teachercache.inspect.verify import verify_cache
+
+    faults = verify_cache(cache, deep=deep)
+    for fault in faults:
+        click.echo(f"FAULT {fault}", err=True)
+    if faults:
+        raise SystemExit(1)
+    click.echo(f"{cache}: OK")
+
+
+@click.command("show")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--row", type=int, required=True, help="Row number in the cache (0-based).")
+@click.option("--positions", default=None, help="Token range a:b of the row to list (default: all).")
+@click.option("--top", default=5, show_default=True, help="Teacher alternatives per position.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML page to this file.")
+def show_command(cache, row, positions, top, html_file):
+    """Print a row of CACHE as text, and per position the actual next token with the teacher's top
+    stored alternatives and their probabilities (exp of the cache's log-probs).
+
+    \b
+    Example:
+      teachercache show /tmp/demo-cache --row 3 --positions 0:20 --top 5 --html row3.html
+    """
+    import sys
+
+    from teachercache.inspect.show import format_html, format_text, parse_positions, show_row
+
+    view = show_row(cache, row, parse_positions(positions), top)
+    click.echo(format_text(view, colour=sys.stdout.isatty()))
+    if html_file:
+        with open(html_file, "w", encoding="utf-8") as f:
+            f.write(format_html(view))
+
+
+@click.command("plot")
+@click.argument("cache", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the PNG files.")
+def plot_command(cache, out):
+    """Draw the distributions of `inspect` (captured mass, entropy, ids per position, rank of the next
+    token, shards) as PNG figures in --out.
+
+    \b
+    Example:
+      teachercache plot /tmp/demo-cache --out /tmp/demo-plots
+    """
+    from teachercache.inspect.plot import plot_cache
+
+    for path in plot_cache(cache, out):
+        click.echo(str(path))
+
+
+@click.command("diff")
+@click.argument("cache_a", type=click.Path(file_okay=False))
+@click.argument("cache_b", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@field_option(DiffOptions, "worst", "--worst")
+def diff_command(cache_a, cache_b, as_json, worst):
+    """KL(A||B) per position between two caches of the same rows: mean, p50, p99, max and the worst rows.
+
+    \b
+    Example:
+      teachercache diff /tmp/cache-k64 /tmp/cache-k8 --json
+    """
+    from teachercache.inspect.diff import diff_caches, format_diff
+
+    report = diff_caches(cache_a, cache_b, DiffOptions(worst=worst))
+    click.echo(json.dumps(report, indent=2) if as_json else format_diff(report))
+
+
+@click.command("export")
+@click.argument("cache", type=click.Path(file_okay=False))
+@field_option(ExportOptions, "format", "--format", type=click.Choice(FORMATS))
+@click.option("--out", required=True, type=click.Path(), help="Output file (axolotl) or directory (hf).")
+@field_option(ExportOptions, "renormalize", "--renormalize/--no-renormalize")
+@overwrite_option(ExportOptions)
+def export_command(cache, out, **options):
+    """Write CACHE as a dataset other trainers read (Axolotl's KD plugin, Hugging Face datasets).
+
+    \b
+    Example:
+      teachercache export /tmp/demo-cache --format axolotl --out /tmp/demo-kd.parquet
+    """
+    from teachercache.interop.export import export_cache
+
+    rows = export_cache(cache, out, ExportOptions(**options))
+    click.echo(f"{out}: {rows:,} rows")
+
+
+@click.command("import-vllm")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
+              help="Directory of the teacher's tokenizer (copied into the cache).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@field_option(VllmImportOptions, "k", "--k", type=int)
+@field_option(VllmImportOptions, "teacher", "--teacher")
+@overwrite_option(VllmImportOptions)
+def import_vllm_command(file, tokenizer, out, **options):
+    """Build a cache from vLLM prompt_logprobs (JSONL, one record per prompt with prompt_token_ids and
+    prompt_logprobs).
+
+    \b
+    Example:
+      teachercache import-vllm logprobs.jsonl --tokenizer Qwen2.5-7B/ --out /tmp/vllm-cache --k 20
+    """
+    from teachercache.interop.vllm import import_vllm
+
+    manifest = import_vllm(file, tokenizer, out, VllmImportOptions(**options))
+    click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.target_positions:,} target positions")
+
+
+@click.command("import-api")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
+              help="Directory of the tokenizer that matches the API's tokens (needs a chat_template).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@field_option(ApiImportOptions, "max_unmapped", "--max-unmapped")
+@field_option(ApiImportOptions, "teacher", "--teacher")
+@overwrite_option(ApiImportOptions)
+def import_api_command(file, tokenizer, out, **options):
+    """Build a cache from OpenAI-compatible chat completions with logprobs (JSONL: the request's messages and
+    the response with choices[0].logprobs.content[].top_logprobs): top-k targets on the answer tokens.
+
+    \b
+    Example:
+      teachercache import-api answers.jsonl --tokenizer Qwen2.5-7B-Instruct/ --out /tmp/api-cache
+    """
+    from teachercache.interop.openai_chat import import_api
+
+    _, report = import_api(file, tokenizer, out, ApiImportOptions(**options))
+    for line in report.lines():
+        click.echo(f"{out}: {line}" if not line.startswith(" ") else line)
+
+
+COMMANDS = (build_command, inspect_command, verify_command, show_command, plot_command, diff_command, export_command,
+            import_vllm_command, import_api_command)

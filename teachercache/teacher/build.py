@@ -1,0 +1,472 @@
+"""The teacher pass: corpus in, cache out (`teachercache build`).
+
+    rows (teacher.corpus) -> batches -> teacher forward (no_grad) -> targets (teacher.targets) -> RowBatch
+    -> bounded queue -> writer thread: encode + write shards (format.cache.CacheWriter) -> manifest.json
+
+The writer thread runs beside the forward pass, so the device never waits on encoding or disk while the
+queue has room (``queue_batches`` bounds memory); one forward batch becomes one Arrow record batch.
+``--resume`` goes on after the last shard each rank closed and gives the same cache as a build that never
+stopped. Under torchrun, rank r of w takes rows i with i mod w = r and rank 0 writes the one manifest.
+docs/build.md ("How the teacher pass works") has the details: targets computed in the writer thread for
+a CPU teacher, the resume state, the ranks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from teachercache.errors import TeachercacheError
+from teachercache.format import schema as S
+from teachercache.format.batch import RowBatch
+from teachercache.format.cache import DEFAULT_SHARD_BYTES, CacheWriter
+from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR, DataInfo, TargetSpec,
+                                          TeacherInfo, TokenizerInfo, config_fingerprint, tokenizer_fingerprint,
+                                          write_json_atomic)
+from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
+from teachercache.runtime import pad_id, rank_and_world, resolve_device
+from teachercache.teacher.corpus import DataOptions, DocumentCounts, count_documents, data_fingerprint, iter_packed_rows
+from teachercache.teacher.targets import check_spec, compute_targets
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class BuildError(TeachercacheError):
+    """A build that cannot start or go on as asked."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `teachercache build` needs; the CLI maps its flags onto this and nothing else."""
+
+    teacher: str
+    """Hub id or local directory of the teacher."""
+    data: DataOptions
+    """The input documents and how they become rows."""
+    out: str
+    """The cache directory to write."""
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    """What to store per position (kind, k, top_p, samples, ...)."""
+    batch_size: int = 8
+    """Rows per forward pass (and per Arrow record batch)."""
+    dtype: str = "auto"
+    """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
+    device: str = "auto"
+    """auto (cuda if available), cuda, cpu."""
+    hidden_layers: tuple[int, ...] = ()
+    """Hidden-state layers to store (0 = embeddings output, L = last layer), at target positions."""
+    hidden_dtype: str = "bfloat16"
+    """bfloat16 or float16."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    """A shard is closed once it holds this many bytes."""
+    zstd_level: int = ZSTD_LEVEL
+    """Arrow IPC zstd level of the shards (19: ~4% smaller, ~20x slower to write)."""
+    resume: bool = False
+    """Continue an interrupted build into ``out``."""
+    overwrite: bool = False
+    """Delete whatever ``out`` holds first."""
+    trust_remote_code: bool = False
+    """Let transformers run the teacher repository's own code (off unless asked for)."""
+    queue_batches: int = 4
+    """Batches waiting for the writer at most (bounds memory); 1 when the writer computes the targets."""
+    targets_backend: str = "auto"
+    """compute_targets' backend: auto (numba for top-k/nucleus of a CPU teacher, else torch), torch, numba."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+
+@dataclass
+class BuildResult:
+    manifest_path: Path
+    rows: int
+    tokens: int
+    bytes: int
+    seconds: float
+    """Wall time of the whole build."""
+    load_seconds: float = 0.0
+    """Of which: loading the teacher and tokenizer."""
+
+
+def _teacher_dtype(options: BuildOptions, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on a GPU, fp32 on CPU."""
+    if options.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if options.dtype not in DTYPES:
+        raise BuildError(f"--dtype {options.dtype!r}: choose auto, bf16, fp16 or fp32")
+    return DTYPES[options.dtype]
+
+
+def load_teacher(options: BuildOptions, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(options.teacher)
+    if (path.is_absolute() or options.teacher.startswith(".")) and not path.exists():
+        raise BuildError(f"--teacher {options.teacher}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.teacher, trust_remote_code=options.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtype,
+                                                     trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--teacher {options.teacher}: cannot be loaded ({e})") from None
+    return tokenizer, model.to(device).eval()
+
+
+def _check_model(options: BuildOptions, model, vocab_size: int) -> None:
+    cfg = model.config
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    for layer in options.hidden_layers:
+        if n_layers is None or not 0 <= layer <= n_layers:
+            raise BuildError(f"--hidden-layers {layer}: the teacher has hidden states 0..{n_layers} "
+                             "(0 = embeddings, the last = final layer)")
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if max_pos is not None and options.data.seq_len > max_pos:
+        raise BuildError(f"--seq-len {options.data.seq_len} exceeds the teacher's "
+                         f"max_position_embeddings {max_pos}; use --seq-len {max_pos} or less")
+    out_size = model.get_output_embeddings().weight.shape[0]
+    if out_size < vocab_size:
+        raise BuildError(f"the teacher's output has {out_size} columns but its tokenizer {vocab_size} "
+                         "tokens: they do not belong together")
+    try:
+        check_spec(options.targets, vocab_size)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache directory: refuse, clear or resume; lock against a second build.
+
+
+def _refuse_out_dir(options: BuildOptions) -> None:
+    """Before anything is loaded: a non-empty --out needs --resume or --overwrite."""
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a directory (--out)")
+    if (out / STATE_DIR).is_dir():  # early and cheap: before a large teacher is loaded (the real guard is _lock)
+        _lock(out, 0).close()
+    if out.exists() and any(out.iterdir()) and not (options.resume or options.overwrite):
+        raise BuildError(f"{out}: not empty; add --resume to continue a build there or --overwrite "
+                         "to replace it")
+    if options.resume and (out / MANIFEST_NAME).exists():
+        raise BuildError(f"{out}: the build is already complete (manifest.json exists)")
+
+
+def _prepare_dir(options: BuildOptions, rank: int):
+    """Lock this rank's part of the directory, then clear or check it. Returns (resume state, {} for a
+    fresh start; the held lock). Nothing is deleted before the lock is held, so a second build into the
+    same directory is refused without touching the first one's files."""
+    out = Path(options.out)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = _lock(out, rank)
+    try:
+        return _clear_or_check(options, rank, out), lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _clear_or_check(options: BuildOptions, rank: int, out: Path) -> dict:
+    if rank == 0 and options.overwrite and not options.resume:
+        for p in [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR)] + [
+                p for p in (out / STATE_DIR).iterdir() if p.suffix != ".lock"]:  # lock files stay: they are held
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_DIR / f"rank-{rank:03d}.json"
+    state = json.loads(state_path.read_text()) if (options.resume and state_path.exists()) else {}
+    done = {s["file"] for s in state.get("shards", [])}
+    for s in state.get("shards", []):
+        if file_sha256(out / s["file"]) != s["sha256"]:
+            raise BuildError(f"{out / s['file']}: checksum differs from {state_path}; rebuild with --overwrite")
+    for leftover in (out / SHARDS_DIR).glob(f"part-r{rank:03d}-*"):
+        if f"{SHARDS_DIR}/{leftover.name}" not in done:
+            leftover.unlink()  # an unfinished shard (or a .partial file) of an interrupted run
+    return state
+
+
+def _lock(out: Path, rank: int):
+    f = open(out / STATE_DIR / f"rank-{rank:03d}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BuildError(f"{out}: another build is writing into this cache (rank {rank} is locked)") from None
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass.
+
+
+def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int, world: int, skip_rows: int):
+    """(global row indices, rows) per batch of this rank, after the first ``skip_rows`` of its rows."""
+    mine, seen = [], 0
+    for i, row in enumerate(iter_packed_rows(options.data, tokenizer, counts)):
+        if i % world != rank:
+            continue
+        seen += 1
+        if seen <= skip_rows:
+            continue
+        mine.append((i, row))
+        if len(mine) == options.batch_size:
+            yield mine
+            mine = []
+    if mine:
+        yield mine
+
+
+@dataclass
+class _Pending:
+    """A batch whose forward pass is done and whose targets are not computed yet."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    row_indices: list[int]
+    rows: RowBatch
+    """Everything but the targets, filled in by finish()."""
+
+    def finish(self, options: BuildOptions, vocab_size: int) -> RowBatch:
+        t = compute_targets(self.logits, self.ids, self.mask, options.targets, vocab_size,
+                            row_indices=self.row_indices, backend=options.targets_backend)
+        rb, self.logits = self.rows, None
+        rb.target_offsets, rb.target_ids, rb.target_logprobs = t.target_offsets, t.target_ids, t.target_logprobs
+        rb.target_counts, rb.label_logprob, rb.rest_mass, rb.entropy = (t.target_counts, t.label_logprob,
+                                                                       t.rest_mass, t.entropy)
+        return rb
+
+
+def _defer_targets(options: BuildOptions, device) -> bool:
+    """Whether the writer thread computes the targets: for the numba pass over CPU logits (on a GPU the
+    targets run on the device, and only compact results cross to the host)."""
+    return device.type == "cpu" and options.targets.kind != "sample" and options.targets_backend != "torch"
+
+
+@torch.no_grad()
+def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, device,
+             defer: bool = False) -> RowBatch | _Pending:
+    lengths = [len(r.input_ids) for _, r in batch]
+    T = max(lengths)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.bool)
+    attn = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, (_, row) in enumerate(batch):
+        n = len(row.input_ids)
+        ids[b, :n] = torch.from_numpy(row.input_ids.astype(np.int64))
+        mask[b, :n] = torch.from_numpy(row.target_mask)
+        attn[b, :n] = 1
+    padded = min(lengths) < T  # a mask only where there is padding: without one, attention stays causal-only
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device) if padded else None,
+                output_hidden_states=bool(options.hidden_layers))
+    rb = RowBatch(row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                  input_ids=np.concatenate([r.input_ids for _, r in batch]),
+                  target_mask=np.concatenate([r.target_mask for _, r in batch]))
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    for layer in options.hidden_layers:
+        rb.hidden[layer] = out.hidden_states[layer][rows.to(device), cols.to(device)].float().cpu().numpy()
+    pending = _Pending(out.logits, ids.to(device), mask.to(device), [i for i, _ in batch], rb)
+    return pending if defer else pending.finish(options, vocab_size)
+
+
+class _Writer(threading.Thread):
+    """Encodes and writes batches from a bounded queue; records resume state after each shard."""
+
+    def __init__(self, writer: CacheWriter, state_path: Path, rows_done: int, max_batches: int,
+                 finish=None):
+        super().__init__(daemon=True, name="teachercache-writer")
+        self.writer, self.state_path, self.rows_done = writer, state_path, rows_done
+        self.finish = finish
+        """Turns a _Pending batch into a RowBatch (its targets computed here)."""
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: BaseException | None = None
+
+    ABORT = object()
+    """Put by the main thread when the pass failed: the open shard is dropped, not closed early, so that
+    a resumed build cuts its shards exactly where an uninterrupted one would."""
+
+    def run(self):
+        try:
+            while (item := self.queue.get()) is not None:
+                if item is self.ABORT:
+                    self.writer.abort()
+                    return
+                rows_done, batch = item
+                if isinstance(batch, _Pending):
+                    batch = self.finish(batch)
+                n_shards = len(self.writer.shards)
+                self.writer.write(batch)
+                self.rows_done = rows_done
+                if len(self.writer.shards) > n_shards:
+                    self._save()
+            if self.writer.close_shard() is not None:
+                self._save()
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            self.writer.abort()
+            while self.queue.get() not in (None, self.ABORT):  # let the producer finish
+                pass
+
+    def put(self, rows_done: int, batch: RowBatch | _Pending):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rows_done, batch))
+
+    def _save(self):
+        """The shards closed so far and the rows they cover, atomically."""
+        write_json_atomic(self.state_path, {"shards": [asdict(s) for s in self.writer.shards],
+                                            "rows_done": self.rows_done})
+
+
+def build_cache(options: BuildOptions) -> BuildResult:
+    """Run the teacher over the data and write a complete cache (see the module docstring)."""
+    try:
+        return _build_cache(options)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        raise BuildError(f"{options.out}: the disk is full ({e}); the shards finished so far are kept: free "
+                         "space there, then run the same command with --resume") from None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, pyarrow (an OSError whose text carries the errno) or tokenizers (a plain
+    Exception with the OS's text)."""
+    text = str(e)
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text
+            or "Disk quota exceeded" in text or "os error 28" in text)
+
+
+def _build_cache(options: BuildOptions) -> BuildResult:
+    start = time.time()
+    device = resolve_device(options.device)
+    rank, world = rank_and_world(device.type == "cuda")
+    if rank == 0:
+        _refuse_out_dir(options)
+    dtype = _teacher_dtype(options, device)
+    tokenizer, model = load_teacher(options, device, dtype)
+    load_seconds = time.time() - start
+    vocab_size = len(tokenizer)
+    _check_model(options, model, vocab_size)
+    state, lock = _prepare_ranks(options, rank, world)
+    totals = None
+    try:
+        if rank == 0:
+            tokenizer.save_pretrained(Path(options.out) / TOKENIZER_DIR)
+        writer = _open_writer(options, model, vocab_size, rank, state)
+        counts = DocumentCounts()
+        rows_done = _teacher_pass(options, model, tokenizer, vocab_size, device, writer, counts, rank, world,
+                                  state.get("rows_done", 0))
+        if rows_done == 0 and world == 1:
+            raise BuildError(f"{', '.join(options.data.paths)}: the corpus gave no rows ({counts.read} documents "
+                             f"read, skipped: {dict(counts.skipped) or 'none'}); nothing was written")
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            totals = _write_manifest(options, writer, model, tokenizer, vocab_size, dtype, device, counts, world)
+        if world > 1:
+            torch.distributed.barrier()
+    finally:
+        lock.close()
+    seconds = time.time() - start
+    manifest_path = Path(options.out) / MANIFEST_NAME
+    if totals is None:  # ranks other than 0
+        return BuildResult(manifest_path, 0, 0, 0, seconds, load_seconds)
+    return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds, load_seconds)
+
+
+def _prepare_ranks(options: BuildOptions, rank: int, world: int):
+    """Every rank's _prepare_dir, rank 0's first: on --overwrite it clears the directory."""
+    if rank == 0:
+        state, lock = _prepare_dir(options, rank)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        state, lock = _prepare_dir(options, rank)
+    return state, lock
+
+
+def _open_writer(options: BuildOptions, model, vocab_size: int, rank: int, state: dict) -> CacheWriter:
+    """This rank's shard writer, numbering on after the shards a resumed build has closed already."""
+    layout = S.Layout(vocab_size=vocab_size, sampled=options.targets.kind == "sample",
+                      hidden_layers=tuple(options.hidden_layers),
+                      hidden_width=model.config.hidden_size if options.hidden_layers else 0,
+                      hidden_dtype=options.hidden_dtype)
+    done = [ShardInfo(**s) for s in state.get("shards", [])]
+    writer = CacheWriter(Path(options.out), layout, rank=rank, shard_bytes=options.shard_bytes,
+                         first_index=len(done), zstd_level=options.zstd_level)
+    writer.shards = list(done)
+    return writer
+
+
+def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, device, writer: CacheWriter,
+                  counts: DocumentCounts, rank: int, world: int, rows_done: int) -> int:
+    """Forward passes over this rank's rows after the first ``rows_done``, each batch handed to the writer
+    thread; returns the rows done in all. Raises the writer's error, if it had one."""
+    defer = _defer_targets(options, device)
+    thread = _Writer(writer, Path(options.out) / STATE_DIR / f"rank-{rank:03d}.json", rows_done,
+                     1 if defer else options.queue_batches, lambda p: p.finish(options, vocab_size))
+    thread.start()
+    tokens, pass_start = 0, time.time()
+    pad = pad_id(tokenizer)
+    bar = _progress(options, rank)
+    finished = False
+    try:
+        for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
+            rb = _forward(model, batch, options, vocab_size, pad, device, defer)
+            rows_done += len(batch)
+            tokens += sum(len(row.input_ids) for _, row in batch)
+            thread.put(rows_done, rb)
+            if bar is not None:
+                bar.update(counts.read - bar.n)
+                bar.set_postfix(rows=rows_done, tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
+        finished = True
+    finally:
+        thread.queue.put(None if finished else _Writer.ABORT)
+        thread.join()
+        if bar is not None:
+            bar.close()
+    if thread.error is not None:
+        raise thread.error
+    return rows_done
+
+
+def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer, vocab_size: int, dtype,
+                    device, counts: DocumentCounts, world: int):
+    """Rank 0, once every rank is done: the manifest over all ranks' shards (from their state files).
+    Returns its totals."""
+    out = Path(options.out)
+    shards = []
+    for r in range(world):
+        rs = json.loads((out / STATE_DIR / f"rank-{r:03d}.json").read_text())
+        shards += [ShardInfo(**s) for s in rs.get("shards", [])]
+    manifest = writer.finish(
+        targets=options.targets,
+        teacher=TeacherInfo(name_or_path=options.teacher, config_sha256=config_fingerprint(model.config),
+                            dtype=str(dtype).replace("torch.", ""),
+                            output_size=model.get_output_embeddings().weight.shape[0]),
+        tokenizer=TokenizerInfo(fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size),
+        data=DataInfo(sources=list(options.data.paths), fingerprint=data_fingerprint(options.data),
+                      seq_len=options.data.seq_len, packing=options.data.packing,
+                      documents_read=counts.read, documents_used=counts.used,
+                      documents_skipped=dict(counts.skipped)),
+        extra={"world_size": world, "batch_size": options.batch_size, "device": str(device),
+               "zstd_level": options.zstd_level}, all_shards=shards)
+    return manifest.totals
+
+
+def _progress(options: BuildOptions, rank: int):
+    """A bar over the input documents (their count is cheap to know, so it has an ETA), with rows and
+    tokens/s beside it; rank 0 only."""
+    if not options.progress or rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="teacher pass", unit="doc", total=count_documents(options.data), dynamic_ncols=True)
