@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from student.losses import SparseTargets
+from student.kd_types import SparseTargets
 from teachercache.errors import CacheFormatError
 
 IGNORE_INDEX = -100

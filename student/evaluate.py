@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from student.collate import StudentBatch
-from student.losses import KDConfig, sparse_kd_loss
+from student.kd_types import KDConfig
+from student.losses import sparse_kd_loss
 from teachercache.errors import TeachercacheError
 from teachercache.format.manifest import MANIFEST_NAME
 from teachercache.runtime import pad_id, resolve_device

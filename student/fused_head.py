@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from student.losses import KDConfig, SparseTargets, check_targets, default_weights, fused_sparse_kd, sparse_kd_reference
+from student.kd_types import KDConfig, SparseTargets, check_targets, default_weights
+from student.losses import fused_sparse_kd, sparse_kd_reference
 
 
 class _FusedLinearKD(torch.autograd.Function):

@@ -22,7 +22,8 @@ import torch
 from transformers import Trainer
 
 from student.collate import StudentBatch, collate_rows
-from student.losses import KDConfig, sparse_kd_loss
+from student.kd_types import KDConfig
+from student.losses import sparse_kd_loss
 from teachercache import runtime
 
 ROW_KEYS = ("input_ids", "target_mask", "target_offsets", "target_ids", "target_logprobs", "target_counts",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from student.hint import resolve_layer_map
-from student.losses import KDConfig
+from student.kd_types import KDConfig
 from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import TOKENIZER_DIR, tokenizer_fingerprint

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from student.losses import KDConfig
+from student.kd_types import KDConfig
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from student.dataset import CacheDataset, make_loader
 from student.evaluate import evaluate_model
 from student.fused_head import fused_linear_sparse_kd
 from student.hint import HintProjector, hint_loss, parse_layer_map
-from student.losses import KDConfig, sparse_kd_loss
+from student.kd_types import KDConfig
+from student.losses import sparse_kd_loss
 from student.model import (TrainError, check_fusable, check_student, load_online_teacher, load_student, online_kd_loss,
                            student_tokenizer)
 from student.options import ScheduleOptions, TrainOptions

@@ -11,7 +11,7 @@ import json
 import click
 
 from student.demo import DemoOptions
-from student.losses import LOSSES, TAILS
+from student.kd_types import LOSSES, TAILS
 from student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
                              TrainOptions)
 from teachercache.cli.options import (device_option, field_option, progress_option, runtime_options, split_groups,
