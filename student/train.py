@@ -410,5 +410,5 @@ def _save_final(run: Run, last_loss: float, last_eval: dict | None, seconds: flo
     summary = {"options": asdict(options), "steps": run.state.step, "final_loss": last_loss, "eval": last_eval,
                "seconds": round(seconds, 2), "cache": str(cache.path),
                "cache_fingerprint": cache.manifest.tokenizer.fingerprint,
-               "kd": asdict(kd_config(options, cache.layout.sampled))}
+               "kd": asdict(run.config)}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

@@ -4,6 +4,7 @@ One rule each, shared by the teacher pass, generation, training and evaluation:
 
 * ``resolve_device("auto" | "cuda" | "cpu")``: auto takes CUDA when torch sees it; a process started by
   torchrun takes GPU ``LOCAL_RANK mod device count``. ``cuda`` without a CUDA device is a DeviceError.
+* ``resolve_dtype("auto" | "bf16" | "fp16" | "fp32", device)``: auto is bf16 on a GPU, fp32 on CPU.
 * ``rank_and_world(cuda)``: (rank, world size); under torchrun (WORLD_SIZE > 1) the process group is
   started here, NCCL on GPUs and gloo on CPU.
 * ``pad_id(tokenizer)``: the tokenizer's pad id, else its EOS id, else 0 (GPT-2-style tokenizers have no
@@ -19,10 +20,12 @@ import torch
 from teachercache.errors import TeachercacheError
 
 DEVICES = ("auto", "cuda", "cpu")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The --dtype choices besides auto."""
 
 
 class DeviceError(TeachercacheError):
-    """A device that is not there or not known."""
+    """A device that is not there, or a device or dtype that is not known."""
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -34,6 +37,15 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a model for a ``--dtype`` choice on ``device`` (see the module docstring)."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if choice not in DTYPES:
+        raise DeviceError(f"--dtype {choice!r}: choose auto, bf16, fp16 or fp32")
+    return DTYPES[choice]
 
 
 def rank_and_world(cuda: bool) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import torch
 from teachercache.blackbox.templates import (TEMPLATES, DemoTemplate, Example, demo_template, render_instruction,
                                              split_rationale)
 from teachercache.errors import TeachercacheError
-from teachercache.runtime import resolve_device
+from teachercache.runtime import resolve_device, resolve_dtype
 
 
 class GenerateError(TeachercacheError):
@@ -251,13 +251,10 @@ def _load(options: GenerateOptions):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(options.device)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}
-    if options.dtype not in dtypes:
-        raise GenerateError(f"--dtype {options.dtype!r}: choose auto, bf16, fp16 or fp32")
+    dtype = resolve_dtype(options.dtype, device)
     try:
         tok = AutoTokenizer.from_pretrained(options.teacher, trust_remote_code=options.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtypes[options.dtype],
+        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtype,
                                                      trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as e:
         raise GenerateError(f"--teacher {options.teacher}: cannot be loaded ({e})") from None

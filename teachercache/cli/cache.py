@@ -9,7 +9,7 @@ import click
 
 from teachercache.cli.options import (dtype_option, field_docs, field_option, overwrite_option, runtime_options,
                                       split_groups)
-from teachercache.format.schema import TARGET_KINDS
+from teachercache.format.schema import HIDDEN_DTYPES, TARGET_KINDS
 from teachercache.inspect.diff import DiffOptions
 from teachercache.interop.export import FORMATS, ExportOptions
 from teachercache.interop.openai_chat import ApiImportOptions
@@ -45,7 +45,7 @@ def _layers(ctx, param, value):
 @field_option(TargetOptions, "temperature", "--temperature", dest="targets__temperature")
 @click.option("--hidden-layers", "hidden_layers", callback=_layers, default="",
               help=field_docs(BuildOptions)["hidden_layers"] + " E.g. 3,6.")
-@field_option(BuildOptions, "hidden_dtype", "--hidden-dtype", type=click.Choice(["bfloat16", "float16"]))
+@field_option(BuildOptions, "hidden_dtype", "--hidden-dtype", type=click.Choice(HIDDEN_DTYPES))
 @field_option(DataOptions, "text_field", "--text-field", dest="data__text_field")
 @field_option(DataOptions, "max_docs", "--max-docs", dest="data__max_docs", type=int)
 @click.option("--shard-mb", "shard_mb", type=click.FloatRange(min=0, min_open=True),

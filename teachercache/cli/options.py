@@ -16,6 +16,8 @@ import textwrap
 
 import click
 
+from teachercache.runtime import DEVICES, DTYPES
+
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
@@ -58,9 +60,6 @@ def split_groups(values: dict) -> tuple[dict, dict[str, dict]]:
     return top, groups
 
 
-DEVICES = ("auto", "cuda", "cpu")
-
-
 def device_option(cls=None):
     """--device: from field ``device`` of ``cls``, or auto for a command without an options dataclass."""
     if cls is not None:
@@ -94,7 +93,7 @@ def runtime_options(cls, what: str):
 
 def dtype_option(cls):
     """--dtype of a teacher, from field ``dtype`` of ``cls``."""
-    return field_option(cls, "dtype", "--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
+    return field_option(cls, "dtype", "--dtype", type=click.Choice(["auto", *DTYPES]))
 
 
 def overwrite_option(cls):

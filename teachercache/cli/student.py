@@ -11,6 +11,7 @@ import json
 import click
 
 from student.demo import DemoOptions
+from student.hint import HINT_KINDS
 from student.kd_types import LOSSES, TAILS
 from student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
                              TrainOptions)
@@ -47,7 +48,7 @@ def _in(group: str, name: str, *decls: str, **kwargs):
 @_in("kd", "kd_weight", "--kd-alpha")
 @_in("hint", "layers", "--hint-layers")
 @_in("hint", "weight", "--hint-alpha")
-@_in("hint", "kind", "--hint-kind", type=click.Choice(["mse", "cosine"]))
+@_in("hint", "kind", "--hint-kind", type=click.Choice(HINT_KINDS))
 @field_option(TrainOptions, "fused_head", "--fused-head")
 @field_option(TrainOptions, "chunk_size", "--chunk-size", type=click.IntRange(min=1))
 @_in("eval", "data", "--eval-data")

@@ -34,12 +34,9 @@ from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, 
                                           TeacherInfo, TokenizerInfo, config_fingerprint, tokenizer_fingerprint,
                                           write_json_atomic)
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
-from teachercache.runtime import pad_id, rank_and_world, resolve_device
+from teachercache.runtime import pad_id, rank_and_world, resolve_device, resolve_dtype
 from teachercache.teacher.corpus import DataOptions, DocumentCounts, count_documents, data_fingerprint, iter_packed_rows
 from teachercache.teacher.targets import check_spec, compute_targets
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 class BuildError(TeachercacheError):
     """A build that cannot start or go on as asked."""
@@ -95,15 +92,6 @@ class BuildResult:
     """Wall time of the whole build."""
     load_seconds: float = 0.0
     """Of which: loading the teacher and tokenizer."""
-
-
-def _teacher_dtype(options: BuildOptions, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 on a GPU, fp32 on CPU."""
-    if options.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if options.dtype not in DTYPES:
-        raise BuildError(f"--dtype {options.dtype!r}: choose auto, bf16, fp16 or fp32")
-    return DTYPES[options.dtype]
 
 
 def load_teacher(options: BuildOptions, device, dtype):
@@ -350,7 +338,7 @@ def _build_cache(options: BuildOptions) -> BuildResult:
     rank, world = rank_and_world(device.type == "cuda")
     if rank == 0:
         _refuse_out_dir(options)
-    dtype = _teacher_dtype(options, device)
+    dtype = resolve_dtype(options.dtype, device)
     tokenizer, model = load_teacher(options, device, dtype)
     load_seconds = time.time() - start
     vocab_size = len(tokenizer)
