@@ -19,11 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from student.kd_types import SparseTargets
+from student.kd_types import IGNORE_INDEX, SparseTargets
 from teachercache.errors import CacheFormatError
-
-IGNORE_INDEX = -100
-"""``labels`` value where no next token is to be predicted (torch's cross_entropy ignore_index)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from student.kd_types import KDConfig, SparseTargets, check_targets, default_weights
+from student.kd_types import KDConfig, SparseTargets, check_inputs, default_weights
 from student.losses import fused_sparse_kd, sparse_kd_reference
 
 
@@ -77,7 +77,7 @@ def fused_linear_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     """
     n = hidden.shape[0]
     vocab = weight.shape[0]
-    check_targets(targets, n, vocab, config)
+    check_inputs(targets, labels, n, vocab, config)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if weights is None:

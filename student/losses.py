@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from student.kd_types import LOSSES, PROB_FLOOR, KDConfig, SparseTargets, check_targets, default_weights
+from student.kd_types import LOSSES, PROB_FLOOR, KDConfig, SparseTargets, check_inputs, default_weights
 from teachercache.numerics import LAUNCH_LOCK, exp_row
 
 _LOSS_CODE = {name: i for i, name in enumerate(LOSSES)}
@@ -30,51 +30,71 @@ _LOSS_CODE = {name: i for i, name in enumerate(LOSSES)}
 # numba kernel
 
 
+_LOG_FLOOR = math.log(PROB_FLOOR)
+_TINY_REST = 1e-25
+"""Below this share of the row's largest exponential, the student's rest mass is summed again in float64
+from the logits: the float32 exponentials stop at exp(-87), and their clamp could then matter."""
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _log_add_exp(x, y):
+    """log(exp(x) + exp(y)) for x, y that may be -inf."""
+    if x < y:
+        x, y = y, x
+    if y == -math.inf:
+        return x
+    return x + math.log1p(math.exp(y - x))
+
+
 @numba.njit(nogil=True, cache=True)
-def _bucket_loss(code, p, q, beta, alpha, a):
-    """Loss between bucket distributions p and q; a[b] = q_b * dLoss/dq_b."""
+def _bucket_loss(code, lp, lq, beta, alpha, a):
+    """Loss between bucket distributions given by their logs, lp (teacher) and lq (student), -inf for an
+    empty bucket; a[b] = q_b * dLoss/dq_b. Every log is taken from its argument's log, so a bucket far below
+    the rest keeps its exact share of the loss."""
     loss = 0.0
-    for b in range(p.shape[0]):
-        pb, qb = p[b], q[b]
+    log_b, log_1b = math.log(beta), math.log1p(-beta)
+    log_a = math.log(alpha) if alpha > 0.0 else -math.inf
+    log_1a = math.log1p(-alpha)
+    for b in range(lp.shape[0]):
+        pb, qb = math.exp(lp[b]), math.exp(lq[b])
         if code == 0:  # forward KL
             if pb > 0.0:
-                loss += pb * (math.log(pb) - math.log(qb))
+                loss += pb * (lp[b] - lq[b])
             a[b] = -pb
         elif code == 1:  # reverse KL
-            lp = math.log(max(pb, 1e-12))
+            d = lq[b] - max(lp[b], _LOG_FLOOR)
             if qb > 0.0:
-                lq = math.log(qb)
-                loss += qb * (lq - lp)
-                a[b] = qb * (lq - lp + 1.0)
+                loss += qb * d
+                a[b] = qb * (d + 1.0)
             else:
                 a[b] = 0.0
-        elif code == 2:  # generalised JSD
-            m = beta * pb + (1.0 - beta) * qb
+        elif code == 2:  # generalised JSD, m = beta p + (1 - beta) q
+            lm = _log_add_exp(log_b + lp[b], log_1b + lq[b])
             if pb > 0.0:
-                loss += beta * pb * math.log(pb / m)
+                loss += beta * pb * (lp[b] - lm)
             if qb > 0.0:
-                lqm = math.log(qb / m)
-                loss += (1.0 - beta) * qb * lqm
-                a[b] = (1.0 - beta) * qb * lqm
+                d = lq[b] - lm
+                loss += (1.0 - beta) * qb * d
+                a[b] = (1.0 - beta) * qb * d
             else:
                 a[b] = 0.0
         elif code == 3:  # total variation
             d = qb - pb
             loss += 0.5 * abs(d)
             a[b] = 0.5 * qb * (1.0 if d > 0 else (-1.0 if d < 0 else 0.0))
-        elif code == 4:  # skew forward KL
-            m = alpha * pb + (1.0 - alpha) * qb
+        elif code == 4:  # skew forward KL, m = alpha p + (1 - alpha) q
+            lm = _log_add_exp(log_a + lp[b], log_1a + lq[b])
             if pb > 0.0:
-                loss += pb * math.log(pb / m)
-                a[b] = -(1.0 - alpha) * qb * pb / m
+                loss += pb * (lp[b] - lm)
+                a[b] = -(1.0 - alpha) * math.exp(lq[b] + lp[b] - lm)
             else:
                 a[b] = 0.0
-        else:  # skew reverse KL
-            m = (1.0 - alpha) * pb + alpha * qb
+        else:  # skew reverse KL, m = (1 - alpha) p + alpha q
+            lm = _log_add_exp(log_1a + lp[b], log_a + lq[b])
             if qb > 0.0:
-                lqm = math.log(qb / m)
-                loss += qb * lqm
-                a[b] = qb * (lqm + 1.0 - alpha * qb / m)
+                d = lq[b] - lm
+                loss += qb * d
+                a[b] = qb * (d + 1.0 - math.exp(log_a + lq[b] - lm))
             else:
                 a[b] = 0.0
     return loss
@@ -114,104 +134,147 @@ def _exp_sum(row, m):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _sampled_ce_terms(row, g, ids, counts, start, k, m, inv_t, sum_t, a, q_s):
+def _student_logq(row, m, ids, start, k, inv_t, log_sum_t, lq):
+    """lq[j] = log q_j of the stored ids, from their logits (exact where exp(logit - max) underflows)."""
+    for j in range(k):
+        lq[j] = (np.float64(row[ids[start + j]]) - m) * inv_t - log_sum_t
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _sampled_ce_terms(row, m, ids, counts, start, k, inv_t, log_sum_t, a, lq):
     """sampled_ce at one position: -sum_j w_j log q_j with draw weights w_j = c_j / sum c over the
-    full-vocabulary q. Fills a_j = -w_j and q_s; returns (loss, gbar = sum_j a_j)."""
+    full-vocabulary q. Fills a_j = -w_j and lq; returns (loss, gbar = sum_j a_j)."""
+    _student_logq(row, m, ids, start, k, inv_t, log_sum_t, lq)
     total_c = 0.0
     for j in range(k):
         total_c += counts[start + j]
     loss = 0.0
     gbar = 0.0
-    lse_t = m * inv_t + math.log(sum_t)
-    for j in range(k):
-        wj = counts[start + j] / total_c
-        q_s[j] = g[ids[start + j]] / sum_t
-        if wj > 0.0:  # log q_j from the logit itself: exact even where exp underflows
-            loss -= wj * (row[ids[start + j]] * inv_t - lse_t)
-        a[j] = -wj
-        gbar += a[j]
+    if total_c > 0.0:
+        for j in range(k):
+            wj = counts[start + j] / total_c
+            if wj > 0.0:
+                loss -= wj * lq[j]
+            a[j] = -wj
+            gbar += a[j]
     return loss, gbar
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _rest_sum(g, ids, start, k, sum_t):
-    """The student's unnormalised mass outside the stored ids: sum_t minus the stored ids' exponentials,
-    or, where that difference cancels (below 1e-4 of sum_t), the sum over the ids outside S itself."""
+def _log_rest_sum(g, row, m, ids, start, k, sum_t, inv_t):
+    """log of the student's unnormalised mass outside the stored ids, in g's units (exp((z - m) / T)):
+    sum_t minus the stored ids' exponentials; where that difference cancels (below 1e-4 of sum_t), the sum
+    over the ids outside S itself; where even that is below _TINY_REST, a float64 log-sum-exp of the
+    outside logits (the float32 exponentials stop at exp(-87)). -inf when nothing lies outside S.
+    The stored ids' exponentials may be overwritten (with -1): nothing reads them afterwards."""
     sum_s = 0.0
     for j in range(k):
         sum_s += g[ids[start + j]]
     rest_sum = sum_t - sum_s
-    if rest_sum < 1e-4 * sum_t:  # flip the stored ids' sign, sum the positive entries, flip back
-        for j in range(k):
-            g[ids[start + j]] = -g[ids[start + j]]
-        rest_sum = 0.0
-        for v in range(len(g)):
-            if g[v] > 0.0:
-                rest_sum += g[v]
-        for j in range(k):
-            g[ids[start + j]] = -g[ids[start + j]]
-    return rest_sum
+    if rest_sum >= 1e-4 * sum_t:
+        return math.log(rest_sum)
+    for j in range(k):                           # mark the stored ids; every exponential is >= 0
+        g[ids[start + j]] = -1.0
+    rest_sum = 0.0
+    for v in range(len(g)):
+        if g[v] > 0.0:
+            rest_sum += g[v]
+    if rest_sum >= _TINY_REST:
+        return math.log(rest_sum)
+    m_out = -math.inf
+    for v in range(len(g)):
+        if g[v] >= 0.0 and row[v] > m_out:
+            m_out = row[v]
+    total = 0.0
+    for v in range(len(g)):
+        if g[v] >= 0.0:
+            total += math.exp((np.float64(row[v]) - m_out) * inv_t)
+    return (m_out - m) * inv_t + math.log(total) if total > 0.0 else -math.inf
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _bucket_terms(code, g, ids, logprobs, rest, i, start, k, sum_t, renorm, tempered, inv_t, beta, alpha,
-                  a, q_s):
+def _bucket_terms(code, row, m, g, ids, logprobs, rest, i, start, k, sum_t, log_sum_t, renorm, inv_t, beta,
+                  alpha, a, lq):
     """The bucket losses at one position: teacher p = (stored probabilities, rest mass; none under
-    ``renormalize``), re-tempered and normalised; student q = (stored ids' q, the rest of the vocabulary).
-    Fills a and q_s; returns (loss, gbar = sum_b a_b, c_out, live); live is False when p or q has no mass
-    (the position then contributes nothing)."""
-    p = np.zeros(k + 1)
-    q = np.zeros(k + 1)
+    ``renormalize``), tempered and normalised in log space; student q = (stored ids' q, the rest of the
+    vocabulary) from the logits. Fills a and lq; returns (loss, gbar = sum_b a_b, log of the student's
+    unnormalised rest, live); live is False when the teacher has no mass (the position then contributes
+    nothing)."""
+    lp = np.empty(k + 1)
     for j in range(k):
-        p[j] = math.exp(np.float64(logprobs[start + j]))  # float64 exp, not float32
-        q[j] = g[ids[start + j]]
+        lp[j] = np.float64(logprobs[start + j]) * inv_t
     # renormalize: the teacher's rest bucket is empty, so its stored mass is renormalised to 1
-    p[k] = 0.0 if renorm else max(rest[i], 0.0)
-    rest_sum = _rest_sum(g, ids, start, k, sum_t)
-    q[k] = rest_sum
-    denom_p = 0.0
+    r = 0.0 if renorm else np.float64(rest[i])
+    lp[k] = math.log(r) * inv_t if r > 0.0 else -math.inf
+    top = -math.inf
     for b in range(k + 1):
-        if tempered and p[b] > 0.0:
-            p[b] = p[b] ** inv_t
-        denom_p += p[b]
-    if not (denom_p > 0.0 and sum_t > 0.0):
-        return 0.0, 0.0, 0.0, False
+        top = max(top, lp[b])
+    if top == -math.inf:
+        return 0.0, 0.0, 0.0, -math.inf, False
+    total = 0.0
     for b in range(k + 1):
-        p[b] /= denom_p
-        q[b] /= sum_t
-    loss = _bucket_loss(code, p, q, beta, alpha, a)
-    gbar = 0.0
+        total += math.exp(lp[b] - top)
+    lse = top + math.log(total)
     for b in range(k + 1):
-        gbar += a[b]
+        lp[b] -= lse
+    _student_logq(row, m, ids, start, k, inv_t, log_sum_t, lq)
+    log_rest = _log_rest_sum(g, row, m, ids, start, k, sum_t, inv_t)
+    lq[k] = log_rest - log_sum_t
+    # normalise the buckets among themselves: the stored ids' exponentials are exact and the rest's are the
+    # vectorised exp's, so sum_t may differ from their sum by ~1e-7; the gradient needs sum_b q_b = 1
+    total = 0.0
+    for b in range(k + 1):
+        total += math.exp(lq[b])
+    log_total = math.log(total)
+    for b in range(k + 1):
+        lq[b] -= log_total
+    loss = _bucket_loss(code, lp, lq, beta, alpha, a)
+    a_s = 0.0
+    q_s = 0.0
     for j in range(k):
-        q_s[j] = q[j]
-    c_out = (a[k] / rest_sum if rest_sum > 0.0 else 0.0) - gbar / sum_t
-    return loss, gbar, c_out, True
+        a_s += a[j]
+        q_s += math.exp(lq[j])
+    d = a[k] * q_s - a_s * math.exp(lq[k]) if log_rest > -math.inf else 0.0   # nothing outside: no gradient
+    return loss, a_s + a[k], d, log_rest, True
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _gradient_sweep(g, row, m, ids, start, k, a, q_s, gbar, c_out, coef, ce_scale, label, sum_1, sum_t,
-                    tempered):
-    """Turn the exponentials in g into the row's gradient: KD's coef * c_out * e_v everywhere plus the
-    corrections at the stored ids (taken before the sweep overwrites the exponentials), CE's softmax
-    minus one-hot."""
-    corr = np.zeros(k + 1)
-    for j in range(k):
-        corr[j] = coef * (a[j] - q_s[j] * gbar - g[ids[start + j]] * c_out)
-    kd_scale = coef * c_out
-    if ce_scale != 0.0 and tempered:
-        inv_s1 = 1.0 / sum_1
+def _gradient_sweep(g, row, m, ids, start, k, a, lq, gbar, c, log_norm, coef, ce_scale, label, sum_1, sum_t,
+                    inv_t, tempered):
+    """Turn the exponentials in g into the row's gradient. KD, for an id v outside the stored ones:
+    coef c e_v / exp(log_norm) (buckets: c = d over the rest's sum; sampled_ce: c = -gbar over sum_t); CE:
+    softmax minus one-hot. The stored ids' entries are then written whole, coef (a_j - q_j gbar) plus their
+    CE share: never as the outside formula plus a correction, whose two terms cancel in float32 when the
+    student's rest mass is small."""
+    if c != 0.0 and log_norm < math.log(_TINY_REST):
+        # the outside exponentials underflowed in float32: every entry from its logit, in float64
+        log_sum_1 = math.log(sum_1)
         for v in range(len(g)):
-            g[v] = kd_scale * g[v] + ce_scale * math.exp(row[v] - m) * inv_s1
-    elif ce_scale != 0.0:
-        s = kd_scale + ce_scale / sum_t
-        for v in range(len(g)):
-            g[v] = s * g[v]
+            x = (np.float64(row[v]) - m) * inv_t
+            value = coef * c * math.exp(min(x - log_norm, 0.0))
+            if ce_scale != 0.0:
+                value += ce_scale * math.exp(np.float64(row[v]) - m - log_sum_1)
+            g[v] = value
     else:
-        for v in range(len(g)):
-            g[v] = kd_scale * g[v]
+        kd_scale = coef * c * math.exp(-log_norm)
+        if ce_scale != 0.0 and tempered:
+            inv_s1 = 1.0 / sum_1
+            for v in range(len(g)):
+                g[v] = kd_scale * g[v] + ce_scale * math.exp(row[v] - m) * inv_s1
+        elif ce_scale != 0.0:
+            s = kd_scale + ce_scale / sum_t
+            for v in range(len(g)):
+                g[v] = s * g[v]
+        else:
+            for v in range(len(g)):
+                g[v] = kd_scale * g[v]
+    log_sum_1 = math.log(sum_1)
     for j in range(k):
-        g[ids[start + j]] += corr[j]
+        v = ids[start + j]
+        value = coef * (a[j] - math.exp(lq[j]) * gbar)
+        if ce_scale != 0.0:
+            value += ce_scale * math.exp(np.float64(row[v]) - m - log_sum_1)
+        g[v] = value
     if ce_scale != 0.0:
         g[label] -= ce_scale
 
@@ -221,7 +284,8 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
                 alpha, ce_w, kd_w, grad, ce_out, kd_out, exact):
     """Rows in parallel: row i's CE and KD into ce_out[i], kd_out[i], and the gradient of
     w_i (ce_w CE_i + kd_w T² KD_i) w.r.t. z[i] into grad[i], which holds the row's tempered exponentials
-    until the final sweep. Sums are float64; per bucket b, a_b = q_b dKD/dq_b."""
+    until the final sweep. Sums are float64; per bucket b, a_b = q_b dKD/dq_b. A row with a NaN or +inf
+    logit (or all -inf) gets NaN loss and gradient."""
     n, vocab = z.shape
     inv_t = 1.0 / temperature
     inv_t_row = z.dtype.type(inv_t)   # the exponentials in the logits' precision
@@ -236,34 +300,41 @@ def _fused_rows(z, offsets, ids, logprobs, counts, rest, labels, weights, code, 
             continue
         row = z[i]
         m = _row_max(row)
-        label = labels[i]
         sum_t = _row_exponentials(row, m, inv_t_row, g, exact)
+        if not (sum_t < math.inf and m < math.inf):      # NaN passes the exponentials; +inf makes m inf
+            ce_out[i] = math.nan if labels[i] >= 0 else 0.0
+            kd_out[i] = math.nan
+            g[:] = math.nan
+            continue
+        log_sum_t = math.log(sum_t)
+        label = labels[i]
         sum_1 = _exp_sum(row, m) if tempered and label >= 0 else sum_t
         if label >= 0:
             ce_out[i] = m + math.log(sum_1) - row[label]
 
         start, stop = offsets[i], offsets[i + 1]
         k = stop - start
-        a = np.zeros(k + 1)
-        q_s = np.zeros(k + 1)
-        c_out = 0.0          # KD gradient factor for ids outside S: grad_v = coef * e_v * c_out
+        a = np.zeros(k + 1)      # a[k]: the rest bucket (0 for sampled_ce)
+        lq = np.zeros(k + 1)
         gbar = 0.0
+        c = 0.0                  # outside ids: KD gradient coef * c * e_v / exp(log_norm)
+        log_norm = log_sum_t
         coef = w * kd_w * temperature
         if kd_w != 0.0 and (k > 0 or (code != 6 and not renorm)):
             if code == 6:  # sampled cross-entropy over the full-vocabulary q
-                loss, gbar = _sampled_ce_terms(row, g, ids, counts, start, k, m, inv_t, sum_t, a, q_s)
-                kd_out[i] = loss
-                c_out = -gbar / sum_t
+                kd_out[i], gbar = _sampled_ce_terms(row, m, ids, counts, start, k, inv_t, log_sum_t, a, lq)
+                c = -gbar
             else:
-                loss, gbar, c_out, live = _bucket_terms(code, g, ids, logprobs, rest, i, start, k, sum_t, renorm,
-                                                        tempered, inv_t, beta, alpha, a, q_s)
+                loss, gbar, c, log_rest, live = _bucket_terms(code, row, m, g, ids, logprobs, rest, i, start, k,
+                                                              sum_t, log_sum_t, renorm, inv_t, beta, alpha, a, lq)
                 if live:
                     kd_out[i] = loss
+                    log_norm = log_rest if c != 0.0 else log_sum_t
                 else:
                     coef = 0.0
         ce_scale = w * ce_w if label >= 0 else 0.0
-        _gradient_sweep(g, row, m, ids, start, k, a, q_s, gbar, c_out, coef, ce_scale, label, sum_1, sum_t,
-                        tempered)
+        _gradient_sweep(g, row, m, ids, start, k, a, lq, gbar, c, log_norm, coef, ce_scale, label, sum_1, sum_t,
+                        inv_t, tempered)
 
 
 _TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64, np.int64: torch.int64}
@@ -322,25 +393,34 @@ def _padded(targets: SparseTargets, n: int):
     return valid, ids, logp, counts
 
 
-def bucket_loss_reference(loss: str, p: torch.Tensor, q: torch.Tensor, beta: float, alpha: float):
-    """Per-row loss between bucket distributions p, q ([N, B], zeros where a bucket is absent)."""
-    def xlogy_ratio(x, num, den):  # x * log(num / den), 0 where x == 0
+def bucket_loss_reference(loss: str, lp: torch.Tensor, lq: torch.Tensor, beta: float, alpha: float):
+    """Per-row loss between bucket distributions given by their logs ([N, B] float64; -inf where a bucket is
+    empty): lp the teacher's, lq the student's."""
+    p, q = lp.exp(), lq.exp()
+
+    def xlogratio(x, log_num, log_den):        # x * (log_num - log_den), 0 where x == 0 (no NaN gradients)
         safe = x > 0
-        return torch.where(safe, x * (torch.log(torch.where(safe, num, 1.0)) - torch.log(torch.where(safe, den, 1.0))),
-                           0.0)
+        return torch.where(safe, x * (torch.where(safe, log_num, 0.0) - torch.where(safe, log_den, 0.0)), 0.0)
+
+    def log_mix(w, lx, ly):                    # log(w exp(lx) + (1 - w) exp(ly)), -inf where both are empty
+        a = lx + math.log(w) if w > 0 else torch.full_like(lx, -math.inf)
+        b = ly + math.log1p(-w) if w < 1 else torch.full_like(ly, -math.inf)
+        empty = torch.isneginf(a) & torch.isneginf(b)
+        return torch.where(empty, -math.inf, torch.logaddexp(torch.where(empty, 0.0, a), torch.where(empty, 0.0, b)))
+
     if loss == "forward_kl":
-        return xlogy_ratio(p, p, q).sum(-1)
+        return xlogratio(p, lp, lq).sum(-1)
     if loss == "reverse_kl":
-        return xlogy_ratio(q, q, p.clamp_min(PROB_FLOOR)).sum(-1)
+        return xlogratio(q, lq, lp.clamp_min(math.log(PROB_FLOOR))).sum(-1)
     if loss == "jsd":
-        m = beta * p + (1 - beta) * q
-        return (beta * xlogy_ratio(p, p, m) + (1 - beta) * xlogy_ratio(q, q, m)).sum(-1)
+        lm = log_mix(beta, lp, lq)
+        return (beta * xlogratio(p, lp, lm) + (1 - beta) * xlogratio(q, lq, lm)).sum(-1)
     if loss == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if loss == "skew_kl":
-        return xlogy_ratio(p, p, alpha * p + (1 - alpha) * q).sum(-1)
+        return xlogratio(p, lp, log_mix(alpha, lp, lq)).sum(-1)
     if loss == "skew_reverse_kl":
-        return xlogy_ratio(q, q, (1 - alpha) * p + alpha * q).sum(-1)
+        return xlogratio(q, lq, log_mix(1 - alpha, lp, lq)).sum(-1)
     raise ValueError(loss)
 
 
@@ -348,38 +428,38 @@ def sparse_kd_reference(logits: torch.Tensor, targets: SparseTargets, labels: to
                         weights: torch.Tensor, config: KDConfig):
     """The kernel's maths in plain torch (differentiable): returns (total, ce (N,), kd (N,)).
 
-    Materialises [N, V] log-softmax tensors (and, for tail ``rest``, an [N, V] mask): the memory the
-    kernel avoids. Computes in float64 on CPU for the tests, float32 elsewhere.
+    The student's buckets are a softmax over bucket logits: u_j = (z_j - max) / T of the stored ids, taken
+    in float64, and u_rest = log-sum-exp of the others (an [N, V] masked reduction in the logits' precision,
+    the memory the kernel avoids). Their float64 softmax gives every bucket's log q, normalised among
+    themselves, so autograd forms a_b - q_b sum(a) in float64 and reaches the logits through the
+    log-sum-exp's softmax alone: no float32 difference of two large terms, as in the kernel. Float64 logits
+    are computed in float64 throughout (the tests), anything else in float32 (CUDA).
     """
     n, vocab = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(dtype)
     t = config.temperature
     valid, ids, logp, counts = _padded(targets, n)
-    logq_all = torch.log_softmax(z / t, dim=-1)
-    logq = logq_all.gather(1, ids).to(torch.float64)
-    q = torch.where(valid, logq.exp(), 0.0)
+    m = z.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)                  # a non-finite row stays non-finite below
+    outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
+    outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
+    u_rest = torch.where(outside, (z - m) / t, -math.inf).logsumexp(-1).to(torch.float64)
+    u_stored = torch.where(valid, (z.gather(1, ids).to(torch.float64) - m.to(torch.float64)) / t, -math.inf)
+    lq = torch.log_softmax(torch.cat([u_stored, u_rest[:, None]], 1), -1)     # [N, k + 1], float64
     if config.loss == "sampled_ce":
         wts = counts / counts.sum(-1, keepdim=True).clamp_min(1e-30)
-        kd = -(torch.where(valid, wts * logq, 0.0)).sum(-1)
+        kd = -(torch.where(valid & (wts > 0), wts * torch.where(valid, lq[:, :-1], 0.0), 0.0)).sum(-1)
     else:
-        p = torch.where(valid, logp.exp(), 0.0)
-        outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
-        outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
-        q_rest = torch.where(outside, logq_all, -math.inf).logsumexp(-1).exp().to(torch.float64)
         if config.tail == "rest":
-            p_rest = targets.rest.to(torch.float64).clamp_min(0)
+            lp_rest = targets.rest.to(torch.float64).log()
         else:  # renormalize: an empty teacher rest bucket, the stored mass renormalised to 1 below
-            p_rest = torch.zeros(n, dtype=torch.float64, device=z.device)
-        p = torch.cat([p, p_rest[:, None]], 1)
-        q = torch.cat([q, q_rest[:, None]], 1)
-        if t != 1.0:
-            p = torch.where(p > 0, p.clamp_min(1e-300) ** (1.0 / t), 0.0)
-        p_mass, q_mass = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)
-        live = (p_mass[:, 0] > 0) & (q_mass[:, 0] > 0)
-        p = p / p_mass.clamp_min(1e-300)
-        q = q / q_mass.clamp_min(1e-300)
-        kd = torch.where(live, bucket_loss_reference(config.loss, p, q, config.beta, config.alpha), 0.0)
+            lp_rest = torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
+        lp = torch.cat([logp, lp_rest[:, None]], 1) / t        # tempered, then normalised in log space
+        lp_mass = lp.logsumexp(-1, keepdim=True)
+        live = lp_mass[:, 0] > -math.inf                        # the teacher has mass at the position
+        lp = torch.where(live[:, None], lp - torch.where(live[:, None], lp_mass, 0.0), -math.inf)
+        kd = torch.where(live, bucket_loss_reference(config.loss, lp, lq, config.beta, config.alpha), 0.0)
     ce = torch.zeros(n, dtype=torch.float64, device=z.device)
     if labels is not None:
         has = labels >= 0
@@ -427,7 +507,7 @@ def sparse_kd_loss(logits: torch.Tensor, targets: SparseTargets, labels: torch.T
     ``torch`` to force one. ``weights`` (N,): per-position weight, default 1/N; 0 masks a position out.
     """
     n, vocab = logits.shape
-    check_targets(targets, n, vocab, config)
+    check_inputs(targets, labels, n, vocab, config)
     if weights is None:
         weights = default_weights(n, logits.device)
     if backend == "auto":

@@ -143,6 +143,9 @@ class TrainOptions:
     """Seed of the weights of a fresh student, the shuffle and every RNG."""
     log_every: int = 10
     """Write metrics every N steps."""
+    max_nonfinite_steps: int = 1
+    """Stop after this many consecutive steps whose loss or gradient is NaN/inf (each is skipped without
+    an update; the run ends with an error naming the step and the last good checkpoint)."""
     online_teacher: str | None = None
     """Baseline: KD from this live teacher instead of the cache."""
     device: str = "auto"

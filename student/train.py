@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -35,7 +36,7 @@ from student.dataset import CacheDataset, make_loader
 from student.evaluate import evaluate_model
 from student.fused_head import fused_linear_sparse_kd
 from student.hint import HintProjector, hint_loss, parse_layer_map
-from student.kd_types import KDConfig
+from student.kd_types import KDConfig, rest_tempering
 from student.losses import sparse_kd_loss
 from student.model import (TrainError, check_fusable, check_student, load_online_teacher, load_student, online_kd_loss,
                            student_tokenizer)
@@ -147,6 +148,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
     stream: BatchStream
+    nonfinite: int = 0                   # consecutive steps skipped for a non-finite loss or gradient
+    rest_checked: bool = False           # the once-per-run warning about the rest bucket at T != 1
 
 
 def prepare_student(options: TrainOptions, cache: Cache, device: torch.device):
@@ -261,6 +264,9 @@ def optimizer_step(run: Run) -> dict:
     options, device = run.options, run.device
     step_started = time.perf_counter()
     batches = [next(run.stream) for _ in range(options.schedule.grad_accum)]
+    if not run.rest_checked:
+        run.rest_checked = True
+        _warn_rest_tempering(run, batches[0])
     count = torch.tensor([sum(b.num_positions for b in batches)], dtype=torch.float64)
     if run.world > 1:
         dist.all_reduce(count)     # positions of the global step
@@ -280,14 +286,60 @@ def optimizer_step(run: Run) -> dict:
     if run.world > 1:
         _all_reduce_grads(run.params, sums)
     max_norm = options.schedule.max_grad_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm) if max_norm else None
-    run.optimizer.step()
-    run.scheduler.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm or math.inf))   # clips only if asked
+    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+        run.nonfinite = 0
+    else:
+        run.optimizer.zero_grad(set_to_none=False)
+        run.nonfinite += 1
     run.state.step += 1
     run.state.epoch, run.state.batches = run.stream.epoch, run.stream.batches
-    return {"step": run.state.step, "lr": run.scheduler.get_last_lr()[0], **sums,
-            "grad_norm": None if grad_norm is None else float(grad_norm), "positions": int(count),
-            "seconds": round(time.perf_counter() - step_started, 4)}
+    if not finite:
+        _refuse_nonfinite(run, sums["loss"], grad_norm)
+    record = {"step": run.state.step, "lr": run.scheduler.get_last_lr()[0], **sums,
+              "grad_norm": grad_norm if max_norm or not finite else None, "positions": int(count),
+              "seconds": round(time.perf_counter() - step_started, 4)}
+    if not finite:
+        record["skipped"] = "non-finite loss or gradient: no update"
+    return record
+
+
+def _warn_rest_tempering(run: Run, batch: StudentBatch) -> None:
+    """Warn once (rank 0) when tail ``rest`` meets T != 1, with what the first batch shows of the error."""
+    config = run.config
+    if config.temperature == 1.0 or config.tail != "rest" or config.loss == "sampled_ce" or run.rank != 0:
+        return
+    found = rest_tempering(batch.sparse_targets(), config.temperature, run.cache.layout.vocab_size)
+    if not found["positions"]:
+        return
+    warnings.warn(f"--temperature {config.temperature:g} with --tail rest: the rest bucket (the teacher's mass outside "
+                  f"the stored ids) is tempered as if it were one token. On the first batch it holds "
+                  f"{found['approx']:.1%} of the tempered teacher mass on average, where the teacher's full "
+                  f"distribution puts between {found['low']:.1%} and {found['high']:.1%} there (bounds from the "
+                  f"stored probabilities, {found['positions']} positions). --tail renormalize or --temperature 1 "
+                  "avoid the approximation; docs/targets.md has measured figures.", UserWarning, stacklevel=2)
+
+
+def _refuse_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
+    """Stop the run (TrainError) once ``max_nonfinite_steps`` consecutive steps were non-finite; each such
+    step was skipped without touching the weights, so the last checkpoint is still good."""
+    allowed = run.options.max_nonfinite_steps
+    if run.nonfinite < allowed:
+        return
+    last = latest_checkpoint(run.out)
+    where = (f"the last good checkpoint is {last} (continue from it with --resume, after lowering the learning "
+             "rate or checking the data)" if last is not None else
+             "no checkpoint was written (use --checkpoint-every to keep some)")
+    raise TrainError(f"step {run.state.step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite "
+                     f"for {run.nonfinite} consecutive step(s) (--max-nonfinite-steps {allowed}); the run stopped "
+                     f"without applying it and wrote no further checkpoint or model; {where}")
+
+
+def _all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def after_step(run: Run, record: dict, metrics) -> dict | None:
@@ -304,6 +356,9 @@ def after_step(run: Run, record: dict, metrics) -> dict | None:
         metrics.flush()
     if options.checkpoints.every and step % options.checkpoints.every == 0:
         if run.rank == 0:
+            if not _all_finite(run.params):
+                raise TrainError(f"step {step}: a weight is not finite; no checkpoint written (the last good one "
+                                 f"is {latest_checkpoint(run.out)})")
             save_checkpoint(checkpoint_path(run.out, step), run.model, run.optimizer, run.scheduler, run.projector,
                             asdict(run.state))
             prune_checkpoints(run.out, options.checkpoints.keep)
@@ -401,6 +456,8 @@ def _step_of(line: str) -> int | None:
 def _save_final(run: Run, last_loss: float, last_eval: dict | None, seconds: float) -> None:
     """The student (safetensors), its tokenizer, φ and training_summary.json in the output directory."""
     out, options, cache = run.out, run.options, run.cache
+    if not _all_finite(run.params):
+        raise TrainError(f"step {run.state.step}: a weight is not finite; the student was not saved")
     run.model.save_pretrained(out, safe_serialization=True)
     run.tokenizer.save_pretrained(out)
     if run.projector is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from student.losses import SparseTargets
+from student.losses import PROB_FLOOR, KDConfig, SparseTargets
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
 from teachercache.format.cache import CacheWriter
@@ -102,3 +104,66 @@ def sparse_case(seed: int, n: int = 10, vocab: int = 37, max_k: int = 6, adversa
                             torch.tensor(rest, dtype=torch.float32),
                             torch.tensor(np.concatenate(counts), dtype=torch.float32))
     return logits, targets, labels, weights
+
+
+def dense_reference(logits, targets, labels, weights, cfg: KDConfig):
+    """The sparse KD total and its gradient written out position by position in float64: the student's dense
+    log_softmax with autograd, the buckets summed from it, the teacher tempered in log space."""
+    z = logits.detach().double().requires_grad_(True)
+    n, vocab = z.shape
+    t, total = cfg.temperature, 0.0
+    for i in range(n):
+        if weights[i] == 0:
+            continue
+        a, b = int(targets.offsets[i]), int(targets.offsets[i + 1])
+        s = targets.ids[a:b]
+        logq = torch.log_softmax(z[i] / t, -1)
+        if cfg.loss == "sampled_ce":
+            c = targets.counts[a:b].double()
+            kd = -(c / c.sum() * logq[s]).sum() if b > a else z.sum() * 0
+        else:
+            inside = torch.zeros(vocab, dtype=torch.bool)
+            inside[s] = True
+            # renormalize: the teacher puts nothing in the rest bucket (its stored mass is scaled to 1)
+            rest = targets.rest[i:i + 1].double() if cfg.tail == "rest" else torch.zeros(1).double()
+            lp = torch.cat([targets.logprobs[a:b].double(), rest.log()]) / t     # p^(1/T), as logs
+            # the buckets' log q: logits u of the stored ids and of the rest, normalised with log1p so that a
+            # bucket holding nearly all the mass keeps log q = -(the others' share) below float64's epsilon
+            u = torch.cat([z[i][s] / t, (z[i][~inside] / t).logsumexp(0)[None]])
+            top = int(u.argmax())
+            others = torch.cat([u[:top], u[top + 1:]])
+            lq = u - u[top] - torch.log1p((others - u[top]).exp().sum())
+            if torch.isneginf(lp).all():
+                kd = z.sum() * 0
+            else:
+                lp = torch.log_softmax(lp, 0)
+                kd = sum(bucket_term(cfg, lp[j], lq[j]) for j in range(len(lp)))
+        ce = -torch.log_softmax(z[i], -1)[labels[i]] if labels[i] >= 0 else 0.0
+        total = total + float(weights[i]) * (cfg.ce_weight * ce + cfg.kd_weight * t * t * kd)
+    total = total if torch.is_tensor(total) else z.sum() * 0
+    total.backward()
+    return total.detach(), z.grad
+
+
+def bucket_term(cfg, lp, lq):
+    """One bucket's term of each loss, spelled out from the bucket's log-probabilities lp (teacher) and lq
+    (student); m is the loss's mixture."""
+    p, q = lp.exp(), lq.exp()
+
+    def mixture(wp, wq):                        # log(wp p + wq q)
+        return torch.logsumexp(torch.stack([lp + math.log(wp) if wp else lp * 0 - math.inf,
+                                            lq + math.log(wq) if wq else lq * 0 - math.inf]), 0)
+    if cfg.loss == "forward_kl":
+        return p * (lp - lq) if p > 0 else 0.0
+    if cfg.loss == "reverse_kl":
+        return q * (lq - torch.clamp(lp, min=math.log(PROB_FLOOR))) if q > 0 else 0.0
+    if cfg.loss == "jsd":
+        lm = mixture(cfg.beta, 1 - cfg.beta)
+        return ((cfg.beta * p * (lp - lm) if p > 0 else 0.0) + ((1 - cfg.beta) * q * (lq - lm) if q > 0 else 0.0))
+    if cfg.loss == "tvd":
+        return 0.5 * torch.abs(p - q)
+    if cfg.loss == "skew_kl":
+        return p * (lp - mixture(cfg.alpha, 1 - cfg.alpha)) if p > 0 else 0.0
+    if cfg.loss == "skew_reverse_kl":
+        return q * (lq - mixture(1 - cfg.alpha, cfg.alpha)) if q > 0 else 0.0
+    raise AssertionError(cfg.loss)

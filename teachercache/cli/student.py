@@ -60,6 +60,7 @@ def _in(group: str, name: str, *decls: str, **kwargs):
 @_in("loader", "shuffle", "--shuffle/--no-shuffle")
 @_in("loader", "num_workers", "--num-workers", type=click.IntRange(min=0))
 @field_option(TrainOptions, "log_every", "--log-every", type=click.IntRange(min=1))
+@field_option(TrainOptions, "max_nonfinite_steps", "--max-nonfinite-steps", type=click.IntRange(min=1))
 @field_option(TrainOptions, "online_teacher", "--online-teacher")
 @runtime_options(TrainOptions, "student")
 def train_command(**values):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from student.checkpoints import latest_checkpoint
 from student.evaluate import evaluate_model
 from student.model import TrainError, load_student
-from student.options import EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+from student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
+                             TrainOptions)
 from student.train import train
 from teachercache.errors import TeachercacheError
 from teachercache.format.manifest import TargetSpec
@@ -184,3 +186,34 @@ def test_online_teacher_baseline_runs_the_same_loop(caches, tmp_path):
     assert len(rows) == 3 and all(r["kd"] > 0 for r in rows)
     with pytest.raises(TrainError, match="forward_kl"):
         train(replace(_options(caches, tmp_path / "o2", steps=1, online_teacher=str(TEACHER)), kd=KDOptions(loss="tvd")))
+
+
+def test_a_non_finite_step_stops_the_run_and_names_the_last_good_checkpoint(caches, tmp_path):
+    # a learning rate of 1e20: step 1 is finite and moves every weight by ~1e20 (still finite); step 2's
+    # gradient is then NaN (its RMSNorms overflow)
+    out = tmp_path / "run"
+    options = _options(caches, out, steps=6, checkpoints=CheckpointOptions(every=1, keep=10))
+    options = replace(options, schedule=replace(options.schedule, lr=1e20, warmup_steps=0))
+    with pytest.raises(TrainError, match=r"step 2: the loss \([^)]+\) or gradient norm \(nan\) is not finite for 1 "
+                                         r"consecutive step.*the last good checkpoint is .*step-1 "):
+        train(options)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert not (out / "model.safetensors").exists()                      # no model from a diverged run
+    assert [r["step"] for r in _metrics(out)] == [1]                     # the NaN step is not logged as trained
+    # --max-nonfinite-steps 2: step 2 is skipped without an update (its checkpoint holds step 1's weights),
+    # step 3 is NaN again and stops the run, naming step 2's checkpoint
+    out = tmp_path / "tolerant"
+    with pytest.raises(TrainError, match=r"step 3: .* for 2 consecutive step.*last good checkpoint is .*step-2 "):
+        train(replace(options, out=str(out), max_nonfinite_steps=2))
+    step1 = load_file(out / "checkpoints" / "step-1" / "model.safetensors")
+    step2 = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.equal(step1[k], step2[k]) and torch.isfinite(step1[k]).all() for k in step1)
+    assert [r.get("skipped") is not None for r in _metrics(out)] == [False, True]
+
+
+def test_temperature_with_the_rest_tail_warns_once_with_its_bounds(caches, tmp_path):
+    options = _options(caches, tmp_path / "warm", steps=2, kd=KDOptions(temperature=2.0))
+    with pytest.warns(UserWarning, match=r"--temperature 2 with --tail rest: .* tempered as if it were one token\. "
+                                         r"On the first batch it holds \d+\.\d% .* between \d+\.\d% and \d+\.\d%") as got:
+        train(options)
+    assert len([w for w in got if "tempered as if" in str(w.message)]) == 1
