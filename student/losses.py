@@ -430,7 +430,7 @@ def sparse_kd_reference(logits: torch.Tensor, targets: SparseTargets, labels: to
 
     The student's buckets are a softmax over bucket logits: u_j = (z_j - max) / T of the stored ids, taken
     in float64, and u_rest = log-sum-exp of the others (an [N, V] masked reduction in the logits' precision,
-    the memory the kernel avoids). Their float64 softmax gives every bucket's log q, normalised among
+    the memory the kernel avoids; sampled_ce, which has no rest bucket, gathers from the row's log-softmax). Their float64 softmax gives every bucket's log q, normalised among
     themselves, so autograd forms a_b - q_b sum(a) in float64 and reaches the logits through the
     log-sum-exp's softmax alone: no float32 difference of two large terms, as in the kernel. Float64 logits
     are computed in float64 throughout (the tests), anything else in float32 (CUDA).
@@ -440,17 +440,18 @@ def sparse_kd_reference(logits: torch.Tensor, targets: SparseTargets, labels: to
     z = logits.to(dtype)
     t = config.temperature
     valid, ids, logp, counts = _padded(targets, n)
-    m = z.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, 0.0)                  # a non-finite row stays non-finite below
-    outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
-    outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
-    u_rest = torch.where(outside, (z - m) / t, -math.inf).logsumexp(-1).to(torch.float64)
-    u_stored = torch.where(valid, (z.gather(1, ids).to(torch.float64) - m.to(torch.float64)) / t, -math.inf)
-    lq = torch.log_softmax(torch.cat([u_stored, u_rest[:, None]], 1), -1)     # [N, k + 1], float64
-    if config.loss == "sampled_ce":
+    if config.loss == "sampled_ce":   # no rest bucket: log q of the draws from the row's log-softmax
+        lq = torch.log_softmax(z / t, -1).gather(1, ids).to(torch.float64)
         wts = counts / counts.sum(-1, keepdim=True).clamp_min(1e-30)
-        kd = -(torch.where(valid & (wts > 0), wts * torch.where(valid, lq[:, :-1], 0.0), 0.0)).sum(-1)
+        kd = -(torch.where(valid & (wts > 0), wts * torch.where(valid, lq, 0.0), 0.0)).sum(-1)
     else:
+        m = z.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)              # a non-finite row stays non-finite below
+        outside = torch.ones(n, vocab, dtype=torch.bool, device=z.device)
+        outside[valid.nonzero(as_tuple=True)[0], ids[valid]] = False
+        u_rest = torch.where(outside, (z - m) / t, -math.inf).logsumexp(-1).to(torch.float64)
+        u_stored = torch.where(valid, (z.gather(1, ids).to(torch.float64) - m.to(torch.float64)) / t, -math.inf)
+        lq = torch.log_softmax(torch.cat([u_stored, u_rest[:, None]], 1), -1)  # [N, k + 1], float64
         if config.tail == "rest":
             lp_rest = targets.rest.to(torch.float64).log()
         else:  # renormalize: an empty teacher rest bucket, the stored mass renormalised to 1 below

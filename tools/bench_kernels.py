@@ -11,7 +11,8 @@ about a dozen distinct ids) taken from a peaked teacher distribution:
   fused CE + KD kernel call relative to CE alone;
 * peak extra resident memory (VmHWM reset via /proc/self/clear_refs, in a fresh subprocess per case) of
   the LM head + loss with the head fused in chunks vs unfused (logits materialised, then the kernel or
-  the torch reference).
+  the torch reference);
+* agreement of the two on a confident student (the teacher's top-4 ids raised by a logit gap up to 80).
 
     python tools/bench_kernels.py                  # N=4096, V in {32000, 152064}
     python tools/bench_kernels.py --quick          # N=1024, V=32000
@@ -111,6 +112,28 @@ def timing_case(n: int, vocab: int, kind: str, repeats: int) -> dict:
             "max_loss_diff": loss_diff, "max_grad_diff": grad_diff}
 
 
+def confident_agreement(vocab: int, n: int = 512) -> list[dict]:
+    """numba vs torch on a student growing confident: the teacher's top-4 ids (top-64, rest bucket) raised by
+    a logit gap of 0 … 80 in the student's logits; max |difference| of loss and gradient."""
+    logits, targets, _, config = make_targets(n, vocab, "topk")
+    rows = []
+    for gap in (0.0, 20.0, 40.0, 80.0):
+        z = logits.clone()
+        first = targets.offsets[:-1]
+        for j in range(4):
+            z[torch.arange(n), targets.ids[first + j]] += gap
+        got = {}
+        for backend in ("numba", "torch"):
+            x = z.clone().requires_grad_(True)
+            loss = sparse_kd_loss(x, targets, None, None, config, backend=backend)[0]
+            loss.backward()
+            got[backend] = (loss.detach().double(), x.grad)
+        rows.append({"vocab": vocab, "gap": gap, "loss": float(got["numba"][0]),
+                     "max_loss_diff": abs(float(got["numba"][0] - got["torch"][0])),
+                     "max_grad_diff": float((got["numba"][1] - got["torch"][1]).abs().max())})
+    return rows
+
+
 def _rss(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -183,7 +206,11 @@ def main() -> None:
               f"{row['chunked_mb']} MB, unfused+numba {row['unfused_numba_mb']} MB, unfused+torch "
               f"{row['unfused_torch_mb']} MB -> ratios {row['chunked_over_unfused_torch']} / "
               f"{row['chunked_over_unfused_numba']}", flush=True)
-    print(json.dumps({"bench": "kernels", "timings": timings, "memory": memory}))
+    confident = [row for vocab in args.vocab for row in confident_agreement(vocab)]
+    for row in confident:
+        print(f"V={row['vocab']} confident student, logit gap {row['gap']:g}: loss {row['loss']:.4f}, numba vs torch "
+              f"max diff loss {row['max_loss_diff']:.1e} grad {row['max_grad_diff']:.1e}", flush=True)
+    print(json.dumps({"bench": "kernels", "timings": timings, "memory": memory, "confident": confident}))
 
 
 if __name__ == "__main__":
