@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from student.kd_types import KDConfig
+from teachercache.errors import check_number
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,15 @@ class ScheduleOptions:
     max_grad_norm: float = 1.0
     """Gradient clipping by total norm (0: off)."""
 
+    def __post_init__(self):
+        for name, flag in (("steps", "--steps"), ("batch_size", "--batch-size"), ("grad_accum", "--grad-accum")):
+            check_number("train", f"{name} ({flag})", getattr(self, name), low=1, integer=True)
+        check_number("train", "warmup_steps (--warmup-steps)", self.warmup_steps, low=0, integer=True)
+        check_number("train", "lr (--lr)", self.lr, low=0, low_open=True)
+        check_number("train", "weight_decay (--weight-decay)", self.weight_decay, low=0)
+        check_number("train", "min_lr_ratio (--min-lr-ratio)", self.min_lr_ratio, low=0, high=1)
+        check_number("train", "max_grad_norm (--max-grad-norm)", self.max_grad_norm, low=0)
+
 
 @dataclass(frozen=True)
 class KDOptions:
@@ -57,6 +67,13 @@ class KDOptions:
     kd_weight: float = KDConfig.kd_weight
     """Weight of the KD loss."""
 
+    def __post_init__(self):
+        check_number("train", "temperature (--temperature)", self.temperature, low=0, low_open=True)
+        check_number("train", "beta (--beta)", self.beta, low=0, high=1)
+        check_number("train", "alpha (--skew-alpha)", self.alpha, low=0, high=1)
+        check_number("train", "ce_weight (--ce-alpha)", self.ce_weight, low=0)
+        check_number("train", "kd_weight (--kd-alpha)", self.kd_weight, low=0)
+
     def config(self, sampled: bool) -> KDConfig:
         """The kernels' KDConfig for a cache of sampled (or other) targets; ValueError when out of range."""
         return KDConfig(**{**asdict(self), "loss": self.loss or ("sampled_ce" if sampled else "forward_kl")})
@@ -73,6 +90,9 @@ class HintOptions:
     kind: str = "mse"
     """mse or cosine."""
 
+    def __post_init__(self):
+        check_number("train", "hint weight (--hint-alpha)", self.weight, low=0)
+
 
 @dataclass(frozen=True)
 class LoaderOptions:
@@ -84,6 +104,10 @@ class LoaderOptions:
     """Rows a reader's shuffle buffer holds."""
     num_workers: int = 0
     """DataLoader worker processes."""
+
+    def __post_init__(self):
+        check_number("train", "shuffle_buffer", self.shuffle_buffer, low=1, integer=True)
+        check_number("train", "num_workers (--num-workers)", self.num_workers, low=0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,12 @@ class EvalOptions:
     seq_len: int = 512
     """Text files: tokens per row."""
 
+    def __post_init__(self):
+        check_number("train", "eval every (--eval-every)", self.every, low=0, integer=True)
+        if self.rows is not None:
+            check_number("train", "eval rows (--eval-rows)", self.rows, low=1, integer=True)
+        check_number("train", "eval seq_len", self.seq_len, low=1, integer=True)
+
 
 @dataclass(frozen=True)
 class CheckpointOptions:
@@ -110,6 +140,10 @@ class CheckpointOptions:
     """Checkpoints kept (older ones are deleted)."""
     resume: bool = False
     """Continue from the latest checkpoint in the output directory."""
+
+    def __post_init__(self):
+        check_number("train", "checkpoint every (--checkpoint-every)", self.every, low=0, integer=True)
+        check_number("train", "checkpoints kept", self.keep, low=0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -154,4 +188,10 @@ class TrainOptions:
     """Let transformers run the student repository's own code (off unless asked for)."""
     progress: bool = True
     """Show a tqdm bar."""
+
+    def __post_init__(self):
+        check_number("train", "chunk_size (--chunk-size)", self.chunk_size, low=1, integer=True)
+        check_number("train", "log_every (--log-every)", self.log_every, low=1, integer=True)
+        check_number("train", "max_nonfinite_steps (--max-nonfinite-steps)", self.max_nonfinite_steps, low=1,
+                     integer=True)
 

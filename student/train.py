@@ -42,6 +42,7 @@ from student.model import (TrainError, check_fusable, check_student, load_online
                            student_tokenizer)
 from student.options import ScheduleOptions, TrainOptions
 from teachercache.format.cache import Cache
+from teachercache.format.outputs import check_output, hold_lock, options_record, write_marker
 from teachercache.runtime import pad_id, rank_and_world, resolve_device
 
 METRICS_FILE = "metrics.jsonl"
@@ -50,6 +51,11 @@ SUMMARY_FILE = "training_summary.json"
 """The run's options, result and cache, written with the trained student."""
 PARTS = ("loss", "ce", "kd", "hint")
 """The summed loss terms of a step, as logged."""
+RESUME_SAFE = frozenset({"out", "progress", "log_every", "device", "trust_remote_code", "max_nonfinite_steps",
+                         "eval.data", "eval.every", "eval.rows", "eval.seq_len", "checkpoints.every",
+                         "checkpoints.keep", "checkpoints.resume"})
+"""Options a resumed run may change: they decide neither the data, its order, nor the updates. Any other
+difference from the run's recorded options (its marker) is refused (docs/train.md)."""
 
 
 @dataclass
@@ -148,6 +154,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
     stream: BatchStream
+    lock: object = None                  # rank 0: the open file holding --out's lock
     nonfinite: int = 0                   # consecutive steps skipped for a non-finite loss or gradient
     rest_checked: bool = False           # the once-per-run warning about the rest bucket at T != 1
 
@@ -175,6 +182,11 @@ def set_up(options: TrainOptions) -> Run:
     random.seed(options.seed)
     np.random.seed(options.seed)
     out = Path(options.out)
+    record = options_record(options, RESUME_SAFE)
+    check_output(out, "student", record=record, resume=options.checkpoints.resume)
+    if options.checkpoints.resume and (out / SUMMARY_FILE).exists():
+        raise TrainError(f"{out}: the run is complete ({SUMMARY_FILE} is there); nothing to resume: choose another "
+                         "--out for a new run")
     cache = Cache.open(options.cache)
     config = kd_config(options, cache.layout.sampled)
     tokenizer, model, projector, hint_pairs = prepare_student(options, cache, device)
@@ -182,9 +194,6 @@ def set_up(options: TrainOptions) -> Run:
     if options.online_teacher:
         teacher = load_online_teacher(options.online_teacher, config, cache.layout.vocab_size, device,
                                       fused_head=options.fused_head, trust_remote_code=options.trust_remote_code)
-    if out.exists() and any(out.iterdir()) and not options.checkpoints.resume:
-        raise TrainError(f"{out}: the output directory is not empty (use --resume to continue a run, or "
-                         "choose another --out)")
     if world > 1:
         dist.barrier()   # every rank has looked at --out before rank 0 writes into it
 
@@ -195,8 +204,7 @@ def set_up(options: TrainOptions) -> Run:
     checkpoint = latest_checkpoint(out) if options.checkpoints.resume else None
     if checkpoint is not None:
         state = TrainState(**load_checkpoint(checkpoint, model, optimizer, scheduler, projector))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    lock = _claim_output(out, record) if rank == 0 else None
 
     dataset = CacheDataset(cache.path, rank=rank, world_size=world, seed=options.seed, shuffle=options.loader.shuffle,
                            shuffle_buffer=options.loader.shuffle_buffer,
@@ -205,7 +213,19 @@ def set_up(options: TrainOptions) -> Run:
                          partial(collate_rows, pad_id=pad_id(tokenizer)), state.epoch, state.batches)
     return Run(options=options, rank=rank, world=world, device=device, out=out, cache=cache, config=config,
                tokenizer=tokenizer, model=model, projector=projector, teacher=teacher, params=params,
-               optimizer=optimizer, scheduler=scheduler, state=state, stream=stream)
+               optimizer=optimizer, scheduler=scheduler, state=state, stream=stream, lock=lock)
+
+
+def _claim_output(out: Path, record: dict):
+    """Rank 0: create --out, take its lock (a second run into it is refused) and write its marker (a training
+    run, with the options that decide it). Returns the open lock file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = hold_lock(out, "training run")
+        write_marker(out, "student", record)
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise TrainError(f"{out}: cannot write there ({e.strerror}); choose a writable --out") from None
+    return lock
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -371,6 +391,15 @@ def train(options: TrainOptions) -> TrainResult:
     """Train a student from ``options.cache``; see the module docstring for what one step does."""
     started = time.perf_counter()
     run = set_up(options)
+    try:
+        return _train(run, started)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def _train(run: Run, started: float) -> TrainResult:
+    options = run.options
     if run.rank == 0:
         _truncate_metrics(run.out / METRICS_FILE, run.state.step)
     metrics = open(run.out / METRICS_FILE, "a") if run.rank == 0 else None

@@ -45,3 +45,28 @@ class CacheCorruptError(CacheError):
 
 class CachePathError(CacheError):
     """A path named inside a manifest points outside the cache directory (or is not a plain path)."""
+
+
+class OptionError(TeachercacheError, ValueError):
+    """An option value out of its range (NaN, infinite, negative, zero where it must be positive)."""
+
+
+def check_number(owner: str, name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False) -> None:
+    """Refuse (OptionError naming ``owner``'s field) a value that is not a finite number in [low, high]
+    (``low_open``: (low, high]); ``integer`` also refuses non-integers. Shared by every options dataclass."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        span = f"{'(' if low_open else '['}{lo}, {hi}]"
+        kind = "a finite integer" if integer else "a finite number"
+        raise OptionError(f"{owner}: {name} must be {kind} in {span}, got {value!r}")

@@ -9,6 +9,7 @@ every column and the alignment of positions.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,9 +22,14 @@ import pyarrow.parquet as pq
 
 from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
+from teachercache.format.manifest import MANIFEST_NAME
+from teachercache.format.outputs import describe, identify, marker_json, options_record, write_marker
+from teachercache.format.shards import file_sha256
 from teachercache.inspect.rows import CacheRow, iter_cache_rows
 
 FORMATS = ("axolotl", "hf")
+EXPORT_KEY = b"teachercache"
+"""Parquet metadata key of an exported file: the export's marker (kind, options, fingerprint)."""
 PAD_LOGPROB = -1e9
 IGNORE_INDEX = -100
 
@@ -116,37 +122,77 @@ def _hf_features(sampled: bool):
 
 
 def export_cache(path: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions()) -> int:
-    """Write the cache at ``path`` to ``out`` in ``options.format``; returns the number of rows written."""
+    """Write the cache at ``path`` to ``out`` in ``options.format``; returns the number of rows written.
+
+    ``out`` may not lie inside the cache, nor the cache inside ``out``; an existing ``out`` is replaced only
+    with ``options.overwrite`` and only when it is an earlier export of this kind (a parquet file carrying
+    the ``teachercache`` metadata key, or a directory with the export marker): nothing else is deleted.
+    The file is written beside ``out`` under a temporary name and renamed into place at the end."""
     cache = Cache.open(path)
     out = Path(out)
-    if out.exists():
-        if not options.overwrite:
-            raise ExportError(f"{out} already exists; add --overwrite to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    source, target = cache.path.resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ExportError(f"{out}: the export would be written into (or over) its own source cache {cache.path}; "
+                          "choose an --out outside it")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, options)
     out.parent.mkdir(parents=True, exist_ok=True)
+    record = options_record(options, frozenset({"overwrite"})) | {
+        "cache": str(source), "manifest_sha256": file_sha256(cache.path / MANIFEST_NAME)}
     if options.format == "axolotl":
-        return _write_axolotl(cache, out, options)
-    return _write_hf(cache, out)
+        return _write_axolotl(cache, out, options, record)
+    return _write_hf(cache, out, record)
 
 
-def _write_axolotl(cache: Cache, out: Path, options: ExportOptions) -> int:
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+def _check_replaceable(out: Path, options: ExportOptions) -> None:
+    """Refuse to replace ``out`` unless asked to and it is an export of the same format."""
+    if not options.overwrite:
+        raise ExportError(f"{out} already exists; add --overwrite to replace it (an earlier export only)")
+    if out.is_symlink():
+        raise ExportError(f"{out}: a symbolic link; export will not replace it: choose another --out")
+    if options.format == "axolotl":
+        if out.is_dir():
+            raise ExportError(f"{out}: a directory, not an exported parquet file; --overwrite replaces only an "
+                              "earlier export: choose another --out")
+        try:
+            metadata = pq.read_schema(out).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            metadata = {}
+        if EXPORT_KEY not in metadata:
+            raise ExportError(f"{out}: not a teachercache export (no '{EXPORT_KEY.decode()}' metadata); --overwrite "
+                              "replaces only an earlier export: choose another --out")
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: a file, not an exported dataset directory; choose another --out")
+    found, _ = identify(out)
+    if found != "export":
+        raise ExportError(f"{out}: not a teachercache export directory ({describe(out)}); --overwrite replaces "
+                          "only an earlier export: choose another --out")
+
+
+def _write_axolotl(cache: Cache, out: Path, options: ExportOptions, record: dict) -> int:
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     n, group = 0, []
     samples = cache.manifest.targets.samples
-    with pq.ParquetWriter(tmp, AXOLOTL_SCHEMA, compression="zstd") as writer:
-        for row in iter_cache_rows(cache):
-            group.append(axolotl_row(row, options.renormalize, samples))
-            if len(group) == options.rows_per_group:
-                writer.write_table(pa.Table.from_pylist(group, schema=AXOLOTL_SCHEMA))
-                n, group = n + len(group), []
-        if group:
-            writer.write_table(pa.Table.from_pylist(group, schema=AXOLOTL_SCHEMA))
-            n += len(group)
-    os.replace(tmp, out)
+    schema = AXOLOTL_SCHEMA.with_metadata({EXPORT_KEY: json.dumps(marker_json("export", record), default=str)})
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for row in iter_cache_rows(cache):
+                group.append(axolotl_row(row, options.renormalize, samples))
+                if len(group) == options.rows_per_group:
+                    writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                    n, group = n + len(group), []
+            if group:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                n += len(group)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
-def _write_hf(cache: Cache, out: Path) -> int:
+def _write_hf(cache: Cache, out: Path, record: dict) -> int:
+    """A datasets save_to_disk directory, built beside ``out`` and swapped in when complete."""
     try:
         from datasets import Dataset
     except ImportError:
@@ -158,5 +204,10 @@ def _write_hf(cache: Cache, out: Path) -> int:
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as work:
         dataset = Dataset.from_generator(rows, features=_hf_features(cache.layout.sampled), cache_dir=work)
-        dataset.save_to_disk(str(out))
+        staged = Path(work) / "export"
+        dataset.save_to_disk(str(staged))
+        write_marker(staged, "export", record)
+        if out.exists():
+            shutil.rmtree(out)          # an earlier export of this kind (checked above)
+        os.replace(staged, out)
         return len(dataset)

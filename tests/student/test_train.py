@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +219,86 @@ def test_temperature_with_the_rest_tail_warns_once_with_its_bounds(caches, tmp_p
                                          r"On the first batch it holds \d+\.\d% .* between \d+\.\d% and \d+\.\d%") as got:
         train(options)
     assert len([w for w in got if "tempered as if" in str(w.message)]) == 1
+
+
+def test_train_writes_only_into_its_own_runs(caches, tmp_path):
+    from teachercache.format.outputs import MARKER, OutputError
+
+    # a model directory (here the demo teacher's files) is neither resumed nor written into
+    teacher_copy = tmp_path / "t3"
+    shutil.copytree(TEACHER, teacher_copy)
+    before = {p.name: p.read_bytes() for p in teacher_copy.iterdir()}
+    for resume in (False, True):
+        with pytest.raises(OutputError, match=r"t3: not a teachercache training run but a model directory "
+                                              r"\(config.json, .*choose another --out"):
+            train(_options(caches, teacher_copy, steps=1, checkpoints=CheckpointOptions(resume=resume)))
+    assert {p.name: p.read_bytes() for p in teacher_copy.iterdir()} == before
+    # a finished run: not written over, not resumed (retrained from step 0, as it was before)
+    out = tmp_path / "done"
+    train(_options(caches, out, steps=2))
+    assert json.loads((out / MARKER).read_text())["kind"] == "student"
+    with pytest.raises(OutputError, match=r"already holds a teachercache training run; add --resume"):
+        train(_options(caches, out, steps=2))
+    with pytest.raises(TrainError, match=r"the run is complete \(training_summary.json is there\); nothing to resume"):
+        train(_options(caches, out, steps=2, checkpoints=CheckpointOptions(resume=True)))
+    # an unwritable --out
+    with pytest.raises(TrainError, match=r"/sys/teachercache-test: cannot write there"):
+        train(_options(caches, "/sys/teachercache-test", steps=1))
+
+
+def test_resume_with_other_options_is_refused_listing_them(caches, tmp_path):
+    from teachercache.format.outputs import OutputError
+
+    out = tmp_path / "run"
+    base = _options(caches, out, steps=4, checkpoints=CheckpointOptions(every=2))
+    options = replace(base, schedule=replace(base.schedule, steps=4))
+    result = train(replace(options, schedule=replace(options.schedule, steps=4)))
+    (out / "training_summary.json").unlink()              # as if killed after its last checkpoint
+    resumed = replace(options, checkpoints=CheckpointOptions(every=2, resume=True))
+    changed = replace(resumed, kd=KDOptions(loss="reverse_kl"), schedule=replace(options.schedule, lr=1e-2, batch_size=2),
+                      cache=str(caches[1]))
+    with pytest.raises(OutputError, match=r"--resume with other options than the run it continues: "
+                                          r"cache: '.*train' -> '.*valid'; kd.loss: None -> 'reverse_kl'; "
+                                          r"schedule.batch_size: 4 -> 2; schedule.lr: 0.003 -> 0.01\."):
+        train(changed)
+    # options a resumed run may change (docs/train.md): accepted
+    ok = replace(resumed, progress=False, log_every=2, eval=EvalOptions(every=1),
+                 checkpoints=CheckpointOptions(every=1, keep=5, resume=True))
+    assert train(ok).steps == result.steps
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(caches, tmp_path):
+    out = tmp_path / "busy"
+    args = ["--cache", str(caches[0]), "--student", "llama-tiny", "--steps", "400", "--batch-size", "4",
+            "--checkpoint-every", "1", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run ended early"
+            time.sleep(0.05)
+        second = subprocess.run(_cli(*args, "--resume"), env=env, capture_output=True, text=True)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert "another training run is writing into this directory" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "inf", r"lr \(--lr\) must be a finite number in \(0, inf\], got inf"),
+    ("--lr", "nan", r"lr \(--lr\) must be a finite number"),
+    ("--kd-alpha", "nan", r"kd_weight \(--kd-alpha\) must be a finite number in \[0, inf\], got nan"),
+    ("--kd-alpha", "-1", r"kd_weight \(--kd-alpha\) must be a finite number in \[0, inf\], got -1.0"),
+    ("--max-grad-norm", "nan", r"max_grad_norm \(--max-grad-norm\) must be a finite number"),
+    ("--temperature", "inf", r"temperature \(--temperature\) must be a finite number in \(0, inf\]"),
+    ("--hint-alpha", "-0.5", r"hint weight \(--hint-alpha\) must be a finite number in \[0, inf\]"),
+])
+def test_non_finite_and_negative_hyper_parameters_are_refused(caches, tmp_path, flag, value, message):
+    proc = subprocess.run(_cli("--cache", str(caches[0]), "--student", "llama-tiny", "--steps", "1",
+                               "--out", str(tmp_path / "x"), "--no-progress", flag, value),
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "x").exists()
