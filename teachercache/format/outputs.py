@@ -39,6 +39,8 @@ KINDS = {"cache": "a teachercache cache", "student": "a teachercache training ru
          "export": "a teachercache export"}
 LEGACY = {"cache": ("manifest.json", ".state"), "student": ("metrics.jsonl", "checkpoints")}
 """Entries by which an output of release 0.2 (no marker) is recognised."""
+DOCS = {"cache": "build", "student": "train"}
+"""The page (docs/NAME.md) that lists what a resumed output of each kind may change."""
 
 
 class OutputError(TeachercacheError):
@@ -142,7 +144,7 @@ def check_output(out: Path, kind: str, *, record: dict, resume: bool = False, ov
             changes = changed_options(marker.get("options", {}), record)
             raise OutputError(f"{out}: --resume with other options than the run it continues: "
                               + "; ".join(changes) + ". Run with the recorded options, or start a new "
-                              f"{flag} (docs/ERRORS.md lists the options a resumed run may change)")
+                              f"{flag} (docs/{DOCS.get(kind, 'build')}.md lists the options a resumed run may change)")
         return "resume"
     if overwrite:
         return "overwrite"
