@@ -126,11 +126,11 @@ def evaluate_all(options: DemoOptions, out: Path, walls: dict[str, float], bytes
 
     from student.evaluate import evaluate_model
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer", trust_remote_code=False)
     rows = []
     for name, path, bpt in (("teacher", options.teacher, None), ("student-kd", out / "student-kd", bytes_per_token),
                             ("student-ce", out / "student-ce", None)):
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
         r = evaluate_model(model, options.valid_data, tokenizer, seq_len=options.seq_len,
                            max_rows=options.eval_rows)
         rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),

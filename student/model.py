@@ -38,15 +38,22 @@ class TrainError(TeachercacheError):
 
 
 def student_tokenizer(student: str, cache: Cache, trust_remote_code: bool = False):
-    """The student's own tokenizer when its directory has one, else the copy stored in the cache."""
+    """The student's own tokenizer when its directory has one (loaded with ``trust_remote_code``), else the
+    copy stored in the cache, which never runs code (``Cache.tokenizer``); TrainError when it cannot load."""
     from transformers import AutoTokenizer
 
     path = Path(student)
     own = path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    source = path if own else cache.path / TOKENIZER_DIR
-    if not own and not source.is_dir():
-        raise TrainError(f"{cache.path}: the cache has no {TOKENIZER_DIR}/ and {student} brings no tokenizer")
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if not own:
+        if not (cache.path / TOKENIZER_DIR).is_dir():
+            raise TrainError(f"{cache.path}: the cache has no {TOKENIZER_DIR}/ and {student} brings no tokenizer")
+        return cache.tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError (custom code refused), OSError, KeyError, ...
+        hint = "" if trust_remote_code else "; if it names custom code you trust, add --trust-remote-code"
+        raise TrainError(f"--student {student}: cannot load its tokenizer ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}){hint}") from None
 
 
 def load_student(spec: str, vocab_size: int, trust_remote_code: bool = False):

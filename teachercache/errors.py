@@ -35,6 +35,11 @@ class CacheFormatError(CacheError):
     """A file is readable but does not follow the format: a missing field, a wrong schema, a bad value."""
 
 
+class CacheLimitError(CacheFormatError):
+    """A file declares a size beyond this reader's limits (or beyond what its other fields and files allow), or
+    is itself too large or too deeply nested: refused when it is read, before anything is sized from it."""
+
+
 class CacheVersionError(CacheFormatError):
     """The cache was written in a format version this reader does not know."""
 

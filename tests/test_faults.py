@@ -33,3 +33,5 @@ def test_quick_fault_campaign_finds_nothing():
         assert "the disk is full" in disk["rounds"][0]["message"]
     assert report["lock"]["all_ok"], report["lock"]
     assert "another build is writing into this cache" in report["lock"]["rounds"][0]["message"]
+    hostile = report["hostile"]   # issue 18's inputs: the first case of each item
+    assert hostile["cases"] >= 7 and hostile["ok"] == hostile["cases"], [r for r in hostile["results"] if not r["ok"]]

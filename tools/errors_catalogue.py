@@ -67,13 +67,18 @@ ENTRIES: list[tuple[str, str, list[str]]] = [
     ("build", "--seq-len not a number", _replace(build(), "--seq-len", "long")),
     ("build", "--batch-size 0", build("--batch-size", "0")),
     ("build", "--k 0", _replace(build(), "--k", "0")),
-    ("build", "--k beyond the vocabulary", _replace(build(), "--k", "100000")),
+    ("build", "--k beyond the vocabulary", _replace(build(), "--k", "9000")),
     ("build", "--target nucleus --top-p 1.5", build("--target", "nucleus", "--top-p", "1.5")),
     ("build", "--target nucleus --min-k 10 --max-k 5", build("--target", "nucleus", "--min-k", "10", "--max-k", "5")),
     ("build", "--target sample --samples 0", build("--target", "sample", "--samples", "0")),
     ("build", "--target beam", build("--target", "beam")),
     ("build", "--temperature 0", build("--temperature", "0")),
     ("build", "--temperature -1", build("--temperature", "-1")),
+    ("build", "--temperature inf", build("--temperature", "inf")),
+    ("build", "--shard-mb nan", build("--shard-mb", "nan")),
+    ("build", "--hidden-layers 2,2", build("--hidden-layers", "2,2")),
+    ("build", "--resume and --overwrite together", build("--resume", "--overwrite")),
+    ("build", "--out inside --data", _replace(build(out="$TMP/datadir/cache"), "--data", "$TMP/datadir")),
     ("build", "--hidden-layers not numbers", build("--hidden-layers", "a,b")),
     ("build", "--hidden-layers beyond the teacher's layers", build("--hidden-layers", "99")),
     ("build", "--hidden-dtype float8", build("--hidden-dtype", "float8")),
@@ -110,6 +115,10 @@ ENTRIES: list[tuple[str, str, list[str]]] = [
     ("train", "--temperature 0", train("--temperature", "0")),
     ("train", "--beta 2", train("--kd-loss", "jsd", "--beta", "2")),
     ("train", "--temperature inf", train("--temperature", "inf")),
+    ("train", "--lr nan", train("--lr", "nan")),
+    ("train", "--kd-alpha -1", train("--kd-alpha", "-1")),
+    ("train", "--out: a model directory", train(out="$TMP/other-tokenizer")),
+    ("train", "--resume of a complete run", train("--resume", out="$TMP/done-run")),
     ("train", "a diverging run (--lr 1e20): non-finite gradient at step 2",
      _replace(train("--lr", "1e20", "--warmup-steps", "0"), "--steps", "3")),
     ("train", "--hint-layers not pairs", train("--hint-layers", "x")),
@@ -150,6 +159,8 @@ def prepare_light(tmp: Path) -> None:
     (tmp / "bad.jsonl").write_text("this is not json\n")
     (tmp / "empty.jsonl").write_text('{"text": ""}\n')
     (tmp / "empty-dir").mkdir()
+    (tmp / "datadir").mkdir()
+    (tmp / "datadir" / "a.jsonl").write_text('{"text": "hello"}\n')
     (tmp / "locked" / "state").mkdir(parents=True)
 
 
@@ -213,6 +224,8 @@ def prepare(tmp: Path) -> None:
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(tmp / "other-tokenizer")
     LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": len(tok)})).save_pretrained(tmp / "other-tokenizer")
+    done = [a.replace("$TMP", str(tmp)) for a in train(out=str(tmp / "done-run"))]
+    subprocess.run([sys.executable, "-m", "teachercache", *done], env=ENV, check=True, capture_output=True)
 
 
 def run_entry(args: list[str], tmp: Path, out: Path | None = None) -> tuple[int, str]:

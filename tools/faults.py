@@ -3,7 +3,7 @@
     python tools/faults.py            # the full campaign (RELIABILITY.md has its figures; ~15 min on 2 cores)
     python tools/faults.py --quick    # a few of each (tests/test_faults.py runs it)
 
-Sections (``--only build,train,fuzz,disk,lock`` runs some of them):
+Sections (``--only build,train,fuzz,disk,lock,hostile`` runs some of them):
 
 * build: ``python -m teachercache build`` of the demo teacher over a slice of data/corpus/valid.parquet,
   small shards, SIGKILLed at moments drawn uniformly (seeded) over the measured length of an
@@ -22,6 +22,8 @@ Sections (``--only build,train,fuzz,disk,lock`` runs some of them):
 * lock: two builds started together into one directory (one must be refused, the other's cache equals
   the uninterrupted build), and ``--resume``/``--overwrite`` builds started while one runs (refused,
   nothing of the running build touched).
+* hostile: issue 18's careless and hostile inputs (tools/hostile_inputs.py), each a real command with
+  stdin closed: refused with a clear message, no traceback, nothing deleted or mixed.
 
 The last line printed is one JSON object with every figure.
 """
@@ -49,6 +51,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
        "TOKENIZERS_PARALLELISM": "false"}
 
 import fault_fuzz  # noqa: E402  (tools/ on the path)
+import hostile_inputs  # noqa: E402
 
 
 def cli(*args) -> list[str]:
@@ -472,7 +475,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cases of each kind (about a minute)")
     parser.add_argument("--seed", type=int, default=9)
-    parser.add_argument("--only", default="build,train,fuzz,disk,lock")
+    parser.add_argument("--only", default="build,train,fuzz,disk,lock,hostile")
     parser.add_argument("--build-kills", type=int, default=None)
     parser.add_argument("--pass-kills", type=int, default=None, help="extra build kills within its pass")
     parser.add_argument("--train-kills", type=int, default=None)
@@ -507,6 +510,8 @@ def main() -> None:
             report["disk"] = disk_full(work, ref, docs, 1 if quick else 3)
         if "lock" in sections:
             report["lock"] = two_builds(work, ref, docs, 0 if quick else 2, 1 if quick else 2)
+        if "hostile" in sections:
+            report["hostile"] = hostile_inputs.hostile(work, ref, ENV, quick)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

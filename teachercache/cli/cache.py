@@ -7,50 +7,66 @@ import json
 
 import click
 
-from teachercache.cli.options import (dtype_option, field_docs, field_option, overwrite_option, runtime_options,
-                                      split_groups)
+from teachercache.cli.options import (FiniteFloatRange, dtype_option, field_docs, field_option, overwrite_option,
+                                      runtime_options, split_groups)
 from teachercache.format.schema import HIDDEN_DTYPES, TARGET_KINDS
 from teachercache.inspect.diff import DiffOptions
 from teachercache.interop.export import FORMATS, ExportOptions
 from teachercache.interop.openai_chat import ApiImportOptions
 from teachercache.interop.vllm import VllmImportOptions
 from teachercache.teacher.build import BuildOptions
-from teachercache.teacher.corpus import PACKINGS, DataOptions
-from teachercache.teacher.targets import TargetOptions
+from teachercache.teacher.corpus import BAD_RECORDS_HELP, PACKINGS, DataError, DataOptions, bad_record_limit
+from teachercache.teacher.targets import MAX_IDS, TEMPERATURES, TargetOptions
 
 
 def _layers(ctx, param, value):
     try:
-        return tuple(int(x) for x in value.split(",") if x.strip()) if value else ()
+        layers = tuple(int(x) for x in value.split(",") if x.strip()) if value else ()
     except ValueError:
         raise click.BadParameter(f"{value!r}: give layer indices separated by commas, e.g. 3,6") from None
+    if any(x < 0 for x in layers):
+        raise click.BadParameter(f"{value!r}: hidden-state indices are >= 0 (0 = embeddings)")
+    if twice := sorted({x for x in layers if layers.count(x) > 1}):
+        raise click.BadParameter(f"{value!r}: layer {twice[0]} is given twice; name each layer once")
+    return layers
+
+
+def _bad_records(ctx, param, value):
+    try:
+        bad_record_limit(value)
+    except DataError:
+        raise click.BadParameter(f"{value!r}: {BAD_RECORDS_HELP}") from None
+    return value
 
 
 @click.command("build")
 @field_option(BuildOptions, "teacher", "--teacher", required=True)
 @click.option("--data", "data__paths", required=True, multiple=True,
-              help="Input: .jsonl/.parquet/.txt/.arrow file or a directory of them (repeatable).")
+              help="Input: .jsonl/.json/.parquet/.txt/.arrow file (.jsonl/.json/.txt also as .gz or .zst) or a "
+                   "directory of them (repeatable; other files there are listed as ignored).")
 @field_option(BuildOptions, "out", "--out", required=True, type=click.Path(file_okay=False))
-@field_option(DataOptions, "seq_len", "--seq-len", dest="data__seq_len")
+@field_option(DataOptions, "seq_len", "--seq-len", dest="data__seq_len", type=click.IntRange(min=2))
 @field_option(DataOptions, "packing", "--packing", dest="data__packing", type=click.Choice(PACKINGS))
 @field_option(BuildOptions, "batch_size", "--batch-size", type=click.IntRange(min=1))
 @dtype_option(BuildOptions)
 @field_option(TargetOptions, "kind", "--target", dest="targets__kind", type=click.Choice(TARGET_KINDS))
-@field_option(TargetOptions, "k", "--k", dest="targets__k")
-@field_option(TargetOptions, "top_p", "--top-p", dest="targets__top_p")
-@field_option(TargetOptions, "min_k", "--min-k", dest="targets__min_k")
-@field_option(TargetOptions, "max_k", "--max-k", dest="targets__max_k")
-@field_option(TargetOptions, "samples", "--samples", dest="targets__samples")
-@field_option(TargetOptions, "seed", "--seed", dest="targets__seed")
-@field_option(TargetOptions, "temperature", "--temperature", dest="targets__temperature")
+@field_option(TargetOptions, "k", "--k", dest="targets__k", type=click.IntRange(1, MAX_IDS))
+@field_option(TargetOptions, "top_p", "--top-p", dest="targets__top_p", type=FiniteFloatRange(0, 1, min_open=True))
+@field_option(TargetOptions, "min_k", "--min-k", dest="targets__min_k", type=click.IntRange(1, MAX_IDS))
+@field_option(TargetOptions, "max_k", "--max-k", dest="targets__max_k", type=click.IntRange(1, MAX_IDS))
+@field_option(TargetOptions, "samples", "--samples", dest="targets__samples", type=click.IntRange(1, MAX_IDS))
+@field_option(TargetOptions, "seed", "--seed", dest="targets__seed", type=click.IntRange(0, 2**63 - 1))
+@field_option(TargetOptions, "temperature", "--temperature", dest="targets__temperature",
+              type=FiniteFloatRange(*TEMPERATURES))
 @click.option("--hidden-layers", "hidden_layers", callback=_layers, default="",
               help=field_docs(BuildOptions)["hidden_layers"] + " E.g. 3,6.")
 @field_option(BuildOptions, "hidden_dtype", "--hidden-dtype", type=click.Choice(HIDDEN_DTYPES))
 @field_option(DataOptions, "text_field", "--text-field", dest="data__text_field")
-@field_option(DataOptions, "max_docs", "--max-docs", dest="data__max_docs", type=int)
-@click.option("--shard-mb", "shard_mb", type=click.FloatRange(min=0, min_open=True),
+@field_option(DataOptions, "max_docs", "--max-docs", dest="data__max_docs", type=click.IntRange(min=1))
+@field_option(DataOptions, "max_bad_records", "--max-bad-records", dest="data__max_bad_records", callback=_bad_records)
+@click.option("--shard-mb", "shard_mb", type=FiniteFloatRange(min=0, max=1 << 20, min_open=True),
               default=BuildOptions.shard_bytes / (1 << 20), show_default=True,
-              help="Close a shard at this many MB (fractions allowed, e.g. 0.05).")
+              help="Close a shard at this many MB (fractions allowed, e.g. 0.05; at most 1048576).")
 @field_option(BuildOptions, "zstd_level", "--zstd-level", type=click.IntRange(1, 22))
 @field_option(BuildOptions, "resume", "--resume")
 @overwrite_option(BuildOptions)
@@ -73,6 +89,9 @@ def build_command(shard_mb, **values):
         click.echo(f"{options.out}: {result.rows:,} rows, {result.tokens:,} tokens, "
                    f"{result.bytes / result.tokens:.1f} bytes/token, {result.seconds:.1f} s "
                    f"({result.tokens / result.seconds:,.0f} tokens/s)")
+    if result.bad_records or result.ignored_files:
+        click.echo(f"{options.out}: {result.bad_records:,} bad records skipped, {result.ignored_files:,} files in "
+                   f"--data ignored; each is listed in {options.out}/skipped.jsonl", err=True)
 
 
 @click.command("inspect")

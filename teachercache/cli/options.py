@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 
 import click
@@ -99,3 +100,15 @@ def dtype_option(cls):
 def overwrite_option(cls):
     """--overwrite, from field ``overwrite`` of ``cls``."""
     return field_option(cls, "overwrite", "--overwrite")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and ±inf (which a plain FloatRange lets through)."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)

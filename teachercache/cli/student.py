@@ -82,14 +82,16 @@ def train_command(**values):
 @click.command("eval")
 @click.option("--model", "model_path", required=True, help="Model directory or hub id (any causal LM).")
 @click.option("--data", required=True, help="A cache directory, or a text file (.jsonl/.parquet/.txt).")
-@click.option("--batch-size", default=8, show_default=True, help="Rows per forward pass.")
-@click.option("--seq-len", default=512, show_default=True, help="Text files: tokens per row.")
-@click.option("--max-rows", type=int, default=None, help="Evaluate on at most this many rows.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per forward pass.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Text files: tokens per row (at most the model's max_position_embeddings).")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Evaluate on at most this many rows.")
 @device_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @trust_remote_code_option(None, "model")
 def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_json, trust_remote_code):
-    """Perplexity, calibration (ECE) and, on a cache, KD loss of any causal LM.
+    """Perplexity, calibration (ECE) and, on a cache, KD loss of any causal LM. On a cache the model's tokenizer
+    must be the one the cache was built with (fingerprints compared); a text file is read with the model's own.
 
     Example: teachercache eval --model /tmp/student --data data/corpus/valid.parquet --max-rows 64
     """

@@ -6,24 +6,33 @@
 
 Reading checks each shard's SHA-256 against the manifest the first time the shard is opened (one
 sequential read of the file; ``verify_checksums=False`` skips it), so a damaged shard is an error naming
-the file rather than wrong numbers.
+the file rather than wrong numbers. ``Cache.tokenizer()`` opens the cache's copy of the teacher's tokenizer
+the same way: its files checked first (no links, bounded sizes and JSON), the loaded tokenizer compared with
+the manifest's fingerprint.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
-from teachercache.errors import CacheCorruptError
+from teachercache.errors import CacheCorruptError, CacheFormatError, CacheLimitError, CachePathError
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
-from teachercache.format.manifest import (SHARDS_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo, TokenizerInfo,
-                                          Totals, read_manifest, resolve_in_cache, shard_file_name, write_manifest)
+from teachercache.format.manifest import (SHARDS_DIR, TOKENIZER_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo,
+                                          TokenizerInfo, Totals, read_json_file, read_manifest, resolve_in_cache,
+                                          shard_file_name, tokenizer_fingerprint, write_manifest)
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, ShardReader, ShardWriter, file_kind, file_sha256
 
 DEFAULT_SHARD_BYTES = 512 << 20
 """A new shard is started once the current one holds this many (compressed) bytes."""
+MAX_TOKENIZER_FILES = 64
+"""Entries of CACHE/tokenizer/ (save_pretrained writes 2 to 6)."""
+MAX_TOKENIZER_BYTES = 1 << 29
+"""The files of CACHE/tokenizer/ together, and so each JSON file parsed (the largest tokenizer.json of a
+released model is about 35 MB)."""
 
 
 class Cache:
@@ -79,6 +88,108 @@ class Cache:
         for i in range(len(self.shards)) if shards is None else shards:
             with self.open_shard(i, columns) as reader:
                 yield from reader
+
+    def tokenizer(self):
+        """The cache's copy of the teacher's tokenizer: its files checked (``check_tokenizer_files``), loaded by
+        transformers without running code, then compared with the manifest (``check_tokenizer``)."""
+        directory = check_tokenizer_files(self.path)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+        except Exception as e:  # transformers and tokenizers raise OSError, ValueError, KeyError, Rust's Exception
+            code = custom_tokenizer_code(directory)
+            if code:
+                raise CacheFormatError(directory, f"{code}, which teachercache never runs", _NO_CODE_FIX) from None
+            raise CacheFormatError(directory, f"transformers cannot load the tokenizer ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:300]})", _TOKENIZER_FIX) from None
+        check_tokenizer(self.manifest, tokenizer, directory)
+        return tokenizer
+
+
+_TOKENIZER_FIX = ("restore the tokenizer files the build wrote (save_pretrained of the teacher's tokenizer) or "
+                  "rebuild the cache")
+_NO_CODE_FIX = ("opening a cache never runs code: give it a standard tokenizer, tokenizer.json and a "
+                "tokenizer_config.json without auto_map, as save_pretrained of a built-in tokenizer class writes them")
+
+
+def custom_tokenizer_code(path: str | os.PathLike) -> str | None:
+    """'FILE names custom tokenizer code (field auto_map: [...])' when the tokenizer files in ``path`` point
+    transformers at code of their own (a .py file it would import), else None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            auto_map = json.loads((Path(path) / name).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        code = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map   # [slow, fast] class names
+        if code:
+            return f"{name} names custom tokenizer code (field auto_map: {json.dumps(code)})"
+    return None
+
+
+def check_tokenizer(manifest: Manifest, tokenizer, where: str | os.PathLike) -> None:
+    """Refuse a tokenizer that is not the one the cache was built with: its length must be the manifest's
+    tokenizer.vocab_size and its fingerprint (``tokenizer_fingerprint``) tokenizer.fingerprint."""
+    want = manifest.tokenizer
+    if len(tokenizer) != want.vocab_size:
+        raise CacheCorruptError(where, f"the tokenizer holds {len(tokenizer)} tokens, the manifest's "
+                                f"tokenizer.vocab_size is {want.vocab_size}", _TOKENIZER_FIX)
+    got = tokenizer_fingerprint(tokenizer)
+    if got != want.fingerprint:
+        raise CacheCorruptError(where, f"the tokenizer's fingerprint {got[:16]} differs from the manifest's "
+                                f"tokenizer.fingerprint {want.fingerprint[:16]}: its files were replaced or damaged",
+                                _TOKENIZER_FIX)
+
+
+def check_tokenizer_files(cache_dir: str | os.PathLike) -> Path:
+    """CACHE/tokenizer/, checked before any of its files is handed to transformers; returns its path. Refused
+    (a CacheError naming the path): a missing directory, a symbolic link (the directory itself included),
+    anything but regular files, more than MAX_TOKENIZER_FILES entries or MAX_TOKENIZER_BYTES bytes, and a .json
+    file that is not JSON nested at most MAX_JSON_DEPTH levels (transformers parses them with Python's json)."""
+    directory = Path(cache_dir) / TOKENIZER_DIR
+    refuse_links(cache_dir, TOKENIZER_DIR)
+    if not directory.is_dir():
+        raise CacheFormatError(directory, "the cache has no tokenizer directory",
+                               "copy the teacher's tokenizer files into it (save_pretrained)")
+    try:
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+        if len(entries) > MAX_TOKENIZER_FILES:
+            raise CacheLimitError(directory, f"{len(entries)} entries is beyond the limit of {MAX_TOKENIZER_FILES}",
+                                  _TOKENIZER_FIX)
+        total = 0
+        for entry in entries:
+            if entry.is_symlink():
+                refuse_links(cache_dir, f"{TOKENIZER_DIR}/{entry.name}")
+            if not entry.is_file(follow_symlinks=False):
+                raise CacheFormatError(entry.path, f"is not a regular file ({file_kind(Path(entry.path))})",
+                                       _TOKENIZER_FIX)
+            total += entry.stat(follow_symlinks=False).st_size
+    except OSError as e:
+        raise CacheFormatError(e.filename or directory, f"cannot be read ({e.strerror})", _TOKENIZER_FIX) from None
+    if total > MAX_TOKENIZER_BYTES:
+        raise CacheLimitError(directory, f"{total} bytes in its files is beyond the limit of {MAX_TOKENIZER_BYTES} "
+                              "bytes", _TOKENIZER_FIX)
+    for entry in entries:
+        if entry.name.endswith(".json"):
+            read_json_file(entry.path, MAX_TOKENIZER_BYTES)
+    return directory
+
+
+def refuse_links(cache_dir: str | os.PathLike, relative: str) -> None:
+    """CachePathError naming the first symbolic link on the way from the cache directory to ``relative`` (the
+    cache directory itself may be one: it is the path the user gave). Reading follows links that stay inside
+    the cache; ``verify`` and the tokenizer reader accept none."""
+    path = Path(cache_dir)
+    for part in PurePosixPath(relative).parts:
+        path = path / part
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise CachePathError(path, f"is a symbolic link (to {target[:200]!r}); a cache's files are read only "
+                                 "from inside it, never through a link", "replace the link with the file it names")
 
 
 class CacheWriter:

@@ -7,7 +7,8 @@ JSON under the ``teachercache`` key of its metadata.
 
 ``check_output`` decides before a command writes anything:
 
-* a missing path or an empty directory: a fresh start;
+* a missing path or an empty directory (or one holding only the lock a killed run took): a fresh start, with
+  or without ``--resume`` (a run killed before it wrote anything starts again);
 * an output of the same kind: ``--resume`` continues it when the options that decide its content are the
   same (else it refuses, listing each changed option, old and new); ``--overwrite`` replaces it, deleting
   only what that kind of output consists of;
@@ -15,7 +16,7 @@ JSON under the ``teachercache`` key of its metadata.
   naming what was found. Nothing a command did not write is deleted.
 
 Outputs written before markers existed (release 0.2) are recognised by their layout: a cache by
-``manifest.json`` or ``.state/``, a student run by ``metrics.jsonl`` or ``checkpoints/`` (a
+``manifest.json`` or ``state/``, a student run by ``metrics.jsonl`` or ``checkpoints/`` (a
 training_summary.json alone does not make one: the demo teacher's directory has one); they have no
 recorded options, so ``--resume`` of one cannot compare them.
 """
@@ -37,7 +38,7 @@ LOCK = ".teachercache.lock"
 """Held (flock) by the process writing an output directory (a build keeps its own locks under .state/)."""
 KINDS = {"cache": "a teachercache cache", "student": "a teachercache training run",
          "export": "a teachercache export"}
-LEGACY = {"cache": ("manifest.json", ".state"), "student": ("metrics.jsonl", "checkpoints")}
+LEGACY = {"cache": ("manifest.json", "state"), "student": ("metrics.jsonl", "checkpoints")}
 """Entries by which an output of release 0.2 (no marker) is recognised."""
 DOCS = {"cache": "build", "student": "train"}
 """The page (docs/NAME.md) that lists what a resumed output of each kind may change."""
@@ -129,11 +130,8 @@ def check_output(out: Path, kind: str, *, record: dict, resume: bool = False, ov
     ``"resume"`` or ``"overwrite"``; OutputError (naming what was found and the fix) for everything else."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory ({flag}); choose another path")
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise OutputError(f"{out}: nothing to resume there ({'missing' if not out.exists() else 'empty'}); "
-                              "run without --resume")
-        return "new"
+    if not out.exists() or not any(p.name != LOCK and not p.name.startswith(f"{MARKER}.tmp") for p in out.iterdir()):
+        return "new"   # --resume too: a run killed before it wrote anything starts again
     found, marker = identify(out)
     if found != kind:
         what = KINDS[found] if found else describe(out)

@@ -15,13 +15,11 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from teachercache.errors import CacheFormatError, TeachercacheError
+from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
-from teachercache.format.manifest import TOKENIZER_DIR
 from teachercache.inspect.rows import CacheRow, read_row
 
 
@@ -65,14 +63,10 @@ class RowView:
 
 
 def cache_tokenizer(cache: Cache):
-    """The cache's own copy of the teacher's tokenizer."""
-    from transformers import AutoTokenizer
-
-    path = Path(cache.path) / TOKENIZER_DIR
-    if not path.is_dir():
-        raise CacheFormatError(path, "the cache has no tokenizer directory",
-                               "copy the teacher's tokenizer files into it (save_pretrained)")
-    return AutoTokenizer.from_pretrained(path)
+    """The cache's own copy of the teacher's tokenizer (``Cache.tokenizer``): its files checked, loaded without
+    running code (files that name custom code are refused, never imported, never asked about on stdin), and
+    compared with the manifest's fingerprint, so a replaced tokenizer is refused rather than shown."""
+    return cache.tokenizer()
 
 
 def parse_positions(spec: str | None) -> slice:
@@ -125,6 +119,12 @@ def _quoted(text: str) -> str:
     return repr(text)[1:-1] if text else "∅"
 
 
+def _printable(text: str) -> str:
+    """The row's text for a terminal: control characters (an escape sequence in the corpus could move the
+    cursor, clear the screen or retitle the window) shown as Python escapes; newlines and tabs kept."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _rank_colour(rank: int) -> str:
     return _GREEN if rank == 1 else _YELLOW if rank > 1 else _RED
 
@@ -133,7 +133,7 @@ def format_text(view: RowView, colour: bool = False) -> str:
     def paint(s: str, c: str) -> str:
         return f"{c}{s}{_RESET}" if colour else s
 
-    lines = [f"{view.cache}  row {view.row}  ({view.shard}, {view.tokens} tokens)", "", view.text, "",
+    lines = [f"{view.cache}  row {view.row}  ({view.shard}, {view.tokens} tokens)", "", _printable(view.text), "",
              f"{'pos':>5}  {'token':<14}{'next':<16}{'p(next)':>9}{'rank':>6}  teacher's top stored ids "
              f"(probability)   rest / entropy"]
     for p in view.positions:

@@ -1,10 +1,11 @@
 """`teachercache verify`: is a cache sound?
 
-Format-level checks (manifest, version, paths, every shard's size, SHA-256, schema and counts), each a
-Fault naming the file; ``deep=True`` also decodes every row and checks its values (ids in range and
-distinct, log-probs, stored + rest mass = 1 within the quantiser's tolerance, labels, draw counts,
-hidden states), each fault named by shard, row and position. docs/inspect.md lists every check and its
-tolerance.
+Format-level checks (manifest, version, paths, declared sizes, every shard's size, SHA-256, schema and
+counts; the tokenizer/ files, loaded and compared with the manifest's fingerprint; no symbolic link on the
+way to any file read), each a Fault naming the file; ``deep=True`` also decodes every row and checks its
+values (ids in range and distinct, log-probs, stored + rest mass = 1 within the quantiser's tolerance,
+labels, draw counts, hidden states), each fault named by shard, row and position. docs/inspect.md lists
+every check and its tolerance.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import pyarrow as pa
 from teachercache.errors import CacheCorruptError, CacheError
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
-from teachercache.format.cache import Cache
-from teachercache.format.manifest import SHARDS_DIR
+from teachercache.format.cache import Cache, refuse_links
+from teachercache.format.manifest import MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR
 from teachercache.format.records import decode_batch
 from teachercache.inspect.rows import next_tokens, target_tokens
 
@@ -42,27 +43,44 @@ class Fault:
 
 def verify_cache(path: str | os.PathLike, deep: bool = False) -> list[Fault]:
     """Every fault found in the cache at ``path``; an empty list means it is sound. ``deep`` adds the
-    row-by-row checks (see the module docstring)."""
+    row-by-row checks (see the module docstring). A file reached through a symbolic link is a fault, and is
+    not read."""
     try:
+        refuse_links(path, MANIFEST_NAME)
         cache = Cache.open(path)
     except CacheError as e:
         return [Fault(e.path, e.problem)]
-    faults = []
+    faults: list[Fault] = []
     for i, info in enumerate(cache.shards):
         try:
+            refuse_links(cache.path, info.file)
             cache.check_shard(i)
             faults += _check_counts(cache, i)
             if deep:
                 faults += check_rows(cache, i)
         except CacheError as e:
             faults.append(Fault(e.path, e.problem))
-    listed = {cache.shard_path(i).name for i in range(len(cache.shards))}
+    faults += _check_tokenizer(cache)
+    listed = {os.path.normpath(cache.path / info.file) for info in cache.shards}  # as named, links not followed
     shard_dir = Path(path) / SHARDS_DIR
-    if shard_dir.is_dir():
+    if shard_dir.is_dir() and not shard_dir.is_symlink():
         for extra in sorted(p.name for p in shard_dir.iterdir() if p.name.endswith(".arrow")):
-            if extra not in listed:
+            if os.path.normpath(shard_dir / extra) not in listed:
                 faults.append(Fault(str(shard_dir / extra), "shard file is not listed in the manifest"))
-    return faults
+    return list(dict.fromkeys(faults))  # a linked directory is one fault, not one per shard under it
+
+
+def _check_tokenizer(cache: Cache) -> list[Fault]:
+    """The tokenizer/ directory: its files (no links, bounded sizes and JSON), then the tokenizer they load,
+    compared with the manifest's tokenizer.vocab_size and fingerprint (``Cache.tokenizer``). A cache without
+    the directory has nothing to check: the commands that need its tokenizer say so."""
+    if not os.path.lexists(cache.path / TOKENIZER_DIR):
+        return []
+    try:
+        cache.tokenizer()
+    except CacheError as e:
+        return [Fault(e.path, e.problem)]
+    return []
 
 
 def _check_counts(cache: Cache, i: int) -> list[Fault]:

@@ -1,6 +1,7 @@
 """What the log-prob importers share: reading JSON Lines, and turning imported top-k lists into row batches.
 
-An importer (``vllm``, ``openai_chat``) reads one record per line with ``jsonl_records``, maps each record
+An importer (``vllm``, ``openai_chat``) loads its ``--tokenizer`` with ``read_tokenizer`` (never running
+code the tokenizer files name), reads one record per line with ``jsonl_records``, maps each record
 to an ``ImportedRow`` (its tokens, which positions carry a target, and per target position the stored ids,
 their log-probs and the actual next token's log-prob), and writes them with ``imported_batch``. Sources
 give no entropy and no rest mass, so both are estimated here from the stored list alone: rest = 1 - sum
@@ -11,6 +12,7 @@ the V - k unstored ids (the largest entropy the tail can have), as ``ENTROPY_NOT
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from teachercache.format.batch import RowBatch
+from teachercache.format.cache import custom_tokenizer_code
 
 ENTROPY_NOTE = "estimated: stored probabilities plus the rest mass spread evenly over the unstored ids"
 
@@ -50,6 +53,27 @@ def jsonl_records(path: Path, error: type[Exception]) -> Iterator[tuple[str, obj
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e})") from None
+
+
+def read_tokenizer(tokenizer_dir: str | os.PathLike, error: type[Exception]):
+    """The tokenizer of ``--tokenizer``, loaded without running code: files that name custom code (an
+    ``auto_map`` beside a .py file) are refused with ``error``, never imported and never asked about on stdin."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise error(f"--tokenizer {tokenizer_dir}: no such directory (give the directory of the teacher's tokenizer)")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers: OSError, ValueError (custom code refused); tokenizers: a plain Exception
+        code = custom_tokenizer_code(path)
+        if code:
+            raise error(f"--tokenizer {tokenizer_dir}: {code}, which teachercache never runs; give a directory with "
+                        "a standard tokenizer, tokenizer.json and a tokenizer_config.json without auto_map, as "
+                        "save_pretrained of a built-in tokenizer class writes them") from None
+        raise error(f"--tokenizer {tokenizer_dir}: transformers cannot load the tokenizer ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}); give the directory the teacher's tokenizer was saved to "
+                    "(save_pretrained)") from None
 
 
 def check_output(out: Path, overwrite: bool, error: type[Exception]) -> None:

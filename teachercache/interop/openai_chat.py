@@ -25,7 +25,7 @@ from teachercache.format.manifest import (TOKENIZER_DIR, DataInfo, TargetSpec, T
                                           tokenizer_fingerprint)
 from teachercache.format.shards import file_sha256
 from teachercache.interop.logprobs import (ENTROPY_NOTE, ImportedRow, check_output, imported_batch, jsonl_records,
-                                           prepare_output)
+                                           prepare_output, read_tokenizer)
 
 
 class ImportApiError(TeachercacheError):
@@ -187,13 +187,11 @@ def _row(prompt: list[int], answer: list[int], targets: list, labels: list[float
 def import_api(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
                options: ApiImportOptions = ApiImportOptions()):
     """Write the cache ``out`` from the API log-probs JSONL ``path``; returns (Manifest, ApiImportReport)."""
-    from transformers import AutoTokenizer
-
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise ImportApiError(f"{path}: no such file (give the JSONL of API requests and responses)")
     check_output(out, options.overwrite, ImportApiError)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = read_tokenizer(tokenizer_dir, ImportApiError)
     if not getattr(tok, "chat_template", None):
         raise ImportApiError(f"{tokenizer_dir}: the tokenizer has no chat_template, needed to render the request's "
                              "messages; save a copy with tokenizer.chat_template set (docs/blackbox.md)")

@@ -21,7 +21,8 @@ from teachercache.format.cache import CacheWriter
 from teachercache.format.manifest import (TOKENIZER_DIR, DataInfo, TargetSpec, TeacherInfo, TokenizerInfo,
                                           tokenizer_fingerprint)
 from teachercache.format.shards import file_sha256
-from teachercache.interop.logprobs import ENTROPY_NOTE, ImportedRow, imported_batch, jsonl_records, prepare_output
+from teachercache.interop.logprobs import (ENTROPY_NOTE, ImportedRow, imported_batch, jsonl_records, prepare_output,
+                                           read_tokenizer)
 
 
 class VllmImportError(TeachercacheError):
@@ -82,13 +83,11 @@ def _smallest_k(path: Path) -> int:
 def import_vllm(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
                 options: VllmImportOptions = VllmImportOptions()):
     """Write the cache ``out`` from the vLLM prompt-logprobs JSONL ``path``; returns its Manifest."""
-    from transformers import AutoTokenizer
-
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise VllmImportError(f"{path}: no such file (give the JSONL of vLLM prompt_logprobs)")
+    tok = read_tokenizer(tokenizer_dir, VllmImportError)
     prepare_output(out, options.overwrite, VllmImportError)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     V = len(tok)
     k = options.k or _smallest_k(path)
     layout = S.Layout(vocab_size=V)

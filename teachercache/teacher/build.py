@@ -6,9 +6,11 @@
 The writer thread runs beside the forward pass, so the device never waits on encoding or disk while the
 queue has room (``queue_batches`` bounds memory); one forward batch becomes one Arrow record batch.
 ``--resume`` goes on after the last shard each rank closed and gives the same cache as a build that never
-stopped. Under torchrun, rank r of w takes rows i with i mod w = r and rank 0 writes the one manifest.
-docs/build.md ("How the teacher pass works") has the details: targets computed in the writer thread for
-a CPU teacher, the resume state, the ranks.
+stopped: the options that decide the cache's content are recorded in its marker (format.outputs) when the
+build claims the directory, and a resumed build with any of them changed is refused. Bad input records are
+skipped and listed in skipped.jsonl. Under torchrun, rank r of w takes rows i with i mod w = r and rank 0
+writes the one manifest. docs/build.md ("How the teacher pass works") has the details: targets computed in
+the writer thread for a CPU teacher, the resume state, the ranks.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,17 +30,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teachercache.errors import TeachercacheError
+from teachercache.errors import TeachercacheError, check_number
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
 from teachercache.format.cache import DEFAULT_SHARD_BYTES, CacheWriter
 from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, TOKENIZER_DIR, DataInfo, TargetSpec,
                                           TeacherInfo, TokenizerInfo, config_fingerprint, tokenizer_fingerprint,
                                           write_json_atomic)
+from teachercache.format.outputs import MARKER, check_output, identify, options_record, write_marker
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
 from teachercache.runtime import pad_id, rank_and_world, resolve_device, resolve_dtype
-from teachercache.teacher.corpus import DataOptions, DocumentCounts, count_documents, data_fingerprint, iter_packed_rows
+from teachercache.teacher.corpus import (BadRecord, DataOptions, DocumentCounts, TooManyBadRecords, count_documents,
+                                         data_fingerprint, iter_packed_rows, scan_inputs)
 from teachercache.teacher.targets import check_spec, compute_targets
+
+SKIPPED_NAME = "skipped.jsonl"
+"""Beside the manifest: every bad record (file, line, reason) and every ignored input file of the last pass."""
+SHOW_BAD = 10
+"""Bad records (and ignored files) printed to stderr; the rest are in skipped.jsonl only."""
+SAFE = frozenset({"out", "resume", "overwrite", "progress", "queue_batches", "data.max_bad_records"})
+"""The options a resumed build may change: none of them changes a byte of the cache (docs/build.md, "What
+--resume may change"). Every other option, and the device type, dtype, world size and input files they
+resolve to, is recorded in the marker and must be the same."""
+
 
 class BuildError(TeachercacheError):
     """A build that cannot start or go on as asked."""
@@ -69,9 +85,9 @@ class BuildOptions:
     zstd_level: int = ZSTD_LEVEL
     """Arrow IPC zstd level of the shards (19: ~4% smaller, ~20x slower to write)."""
     resume: bool = False
-    """Continue an interrupted build into ``out``."""
+    """Continue an interrupted build in --out; refused if an option that decides the cache's content changed."""
     overwrite: bool = False
-    """Delete whatever ``out`` holds first."""
+    """Replace the cache in --out (only its own files are deleted; a directory that is not a cache is refused)."""
     trust_remote_code: bool = False
     """Let transformers run the teacher repository's own code (off unless asked for)."""
     queue_batches: int = 4
@@ -80,6 +96,25 @@ class BuildOptions:
     """compute_targets' backend: auto (numba for top-k/nucleus of a CPU teacher, else torch), torch, numba."""
     progress: bool = True
     """Show a tqdm bar."""
+
+    def __post_init__(self):
+        """Refuse (OptionError, BuildError) a value no build can use: numbers finite and in range, hidden
+        layers distinct and >= 0, targets that can work, not --resume and --overwrite at once."""
+        for name, flag, high in (("batch_size", "--batch-size", None), ("shard_bytes", "--shard-mb", None),
+                                 ("zstd_level", "--zstd-level", 22), ("queue_batches", None, None)):
+            check_number("build", f"{name} ({flag})" if flag else name, getattr(self, name), low=1, high=high,
+                         integer=True)
+        layers = tuple(self.hidden_layers)
+        shown = ",".join(map(str, layers))
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+            raise BuildError(f"--hidden-layers {shown}: give hidden-state indices >= 0 (0 = embeddings)")
+        if twice := sorted({x for x in layers if layers.count(x) > 1}):
+            raise BuildError(f"--hidden-layers {shown}: layer {twice[0]} is given twice; name each layer once")
+        if isinstance(self.targets, TargetSpec):
+            check_spec(self.targets, None)
+        if self.resume and self.overwrite:
+            raise BuildError("--resume and --overwrite together: --resume continues the build in --out, "
+                             "--overwrite replaces it; give one")
 
 
 @dataclass
@@ -92,6 +127,10 @@ class BuildResult:
     """Wall time of the whole build."""
     load_seconds: float = 0.0
     """Of which: loading the teacher and tokenizer."""
+    bad_records: int = 0
+    """Input records skipped as unusable (listed in skipped.jsonl)."""
+    ignored_files: int = 0
+    """Files in --data directories that were not read (listed in skipped.jsonl)."""
 
 
 def load_teacher(options: BuildOptions, device, dtype):
@@ -134,44 +173,159 @@ def _check_model(options: BuildOptions, model, vocab_size: int) -> None:
 # The cache directory: refuse, clear or resume; lock against a second build.
 
 
-def _refuse_out_dir(options: BuildOptions) -> None:
-    """Before anything is loaded: a non-empty --out needs --resume or --overwrite."""
+def content_record(options: BuildOptions, device, dtype, world: int) -> dict:
+    """The options that decide the cache's content, as its marker records them: every option but SAFE ones,
+    the device type, dtype and world size they resolve to, and the fingerprint of the input files (names,
+    sizes, modification times)."""
+    values = {**asdict(options), "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+              "world_size": world, "data": {**asdict(options.data), "fingerprint": data_fingerprint(options.data)[:16]}}
+    return options_record(values, safe=SAFE)
+
+
+def _check_paths(options: BuildOptions) -> None:
+    """Refuse an --out inside a --data directory (the pass would read the cache's own files as documents)
+    and a --data path inside --out (--overwrite would delete it)."""
+    out = Path(options.out).resolve()
+    for given in options.data.paths:
+        data = Path(given).resolve()
+        if Path(given).is_dir() and (out == data or data in out.parents):
+            raise BuildError(f"--out {options.out} lies inside --data {given}: the pass would read the cache's "
+                             "own files (tokenizer.json, shards) as documents; choose an --out outside the data")
+        if out == data or out in data.parents:
+            raise BuildError(f"--data {given} lies inside --out {options.out}: replacing or resuming the cache "
+                             "could delete it; move the data or choose another --out")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _decide(options: BuildOptions, record: dict, *, early: bool) -> str:
+    """What the build does with --out: ``new``, ``resume`` or ``overwrite`` (delete the cache's own entries
+    first); BuildError or OutputError (format.outputs.check_output) for everything else. Rank 0 decides
+    before the teacher is loaded (``early``) and again, for good, once it holds its lock.
+
+    Beyond check_output's rule: --resume where nothing was written yet starts the build (it was stopped
+    before it began), and a cache in which no shard was ever closed (a build that failed or was killed
+    early) is replaced without --overwrite: it holds nothing to lose."""
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out}: exists and is not a directory (--out)")
-    if (out / STATE_DIR).is_dir():  # early and cheap: before a large teacher is loaded (the real guard is _lock)
-        _lock(out, 0).close()
-    if out.exists() and any(out.iterdir()) and not (options.resume or options.overwrite):
-        raise BuildError(f"{out}: not empty; add --resume to continue a build there or --overwrite "
-                         "to replace it")
-    if options.resume and (out / MANIFEST_NAME).exists():
-        raise BuildError(f"{out}: the build is already complete (manifest.json exists)")
+    if _holds_nothing(out):
+        if options.resume and early:
+            _note(f"{out}: nothing to resume yet (the build stopped before it wrote anything); starting it")
+        return "new"
+    kind, marker = identify(out)
+    if kind == "cache":
+        if (out / MANIFEST_NAME).exists():
+            if options.resume:
+                raise BuildError(f"{out}: the build is already complete (manifest.json exists)")
+        elif not options.resume and not _closed_shards(out):
+            if early:
+                _note(f"{out}: the build there stopped before its first shard; replacing it")
+            return "overwrite"
+        if not (options.resume or options.overwrite):
+            raise BuildError(f"{out}: not empty; add --resume to continue a build there or --overwrite "
+                             "to replace it")
+        if options.resume and marker is None and early:
+            _note(f"{out}: written before caches recorded their options, so they cannot be compared: "
+                  "resuming with the options given")
+    return check_output(out, "cache", record=record, resume=options.resume, overwrite=options.overwrite)
 
 
-def _prepare_dir(options: BuildOptions, rank: int):
-    """Lock this rank's part of the directory, then clear or check it. Returns (resume state, {} for a
-    fresh start; the held lock). Nothing is deleted before the lock is held, so a second build into the
-    same directory is refused without touching the first one's files."""
+def _holds_nothing(out: Path) -> bool:
+    """Missing, empty, or holding only a state/ directory of lock files (a build stopped as it started)."""
+    if not out.exists():
+        return True
+    entries = list(out.iterdir())
+    return all(p.name == STATE_DIR and p.is_dir() and all(q.suffix == ".lock" for q in p.iterdir()) for p in entries)
+
+
+def _closed_shards(out: Path) -> bool:
+    """Whether a build there closed a shard: a state file that lists one (or cannot be read), or a shard file."""
+    for state in (out / STATE_DIR).glob("rank-*.json"):
+        try:
+            if json.loads(state.read_text()).get("shards"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            return True
+    return any((out / SHARDS_DIR).glob("*.arrow"))
+
+
+def _claim_early(options: BuildOptions, record: dict) -> None:
+    """Rank 0, before anything is loaded: another build holding the directory, _decide, and whether --out
+    can be written (so that a wrong --out costs no teacher load)."""
     out = Path(options.out)
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = _lock(out, rank)
+    if (out / STATE_DIR / "rank-000.lock").exists():
+        _writable(lambda: _lock(out, 0).close(), out)  # the real guard is the lock taken in _prepare_dir
+    _decide(options, record, early=True)
+    parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"{out}: cannot write there ({parent} is not writable); choose another --out or fix "
+                         "its permissions")
+
+
+def _writable(action, out: Path):
+    """Run ``action`` (a write into --out); BuildError naming the path when the OS refuses it."""
     try:
-        return _clear_or_check(options, rank, out), lock
+        return action()
+    except OSError as e:
+        if _disk_full(e):
+            raise
+        raise BuildError(f"{out}: cannot write there ({e.strerror or e}: {e.filename or out}); choose another "
+                         "--out or fix its permissions") from None
+
+
+def _prepare_dir(options: BuildOptions, rank: int, record: dict):
+    """Lock this rank's part of the directory; rank 0 then decides for good, clears what a replaced cache
+    held and writes the marker; every rank checks its own shards. Returns (resume state, {} for a fresh
+    start; the held lock). Nothing is deleted before the lock is held, so a second build into the same
+    directory is refused without touching the first one's files."""
+    out = Path(options.out)
+
+    def take_lock():
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        return _lock(out, rank)
+
+    lock = _writable(take_lock, out)
+    try:
+        resume = options.resume
+        if rank == 0:
+            mode = _decide(options, record, early=False)
+            if mode == "overwrite":
+                _clear(out)
+            _writable(lambda: write_marker(out, "cache", record), out)
+            resume = mode == "resume"
+        return _writable(lambda: _check_shards(rank, out, resume), out), lock
     except BaseException:
         lock.close()
         raise
 
 
-def _clear_or_check(options: BuildOptions, rank: int, out: Path) -> dict:
-    if rank == 0 and options.overwrite and not options.resume:
-        for p in [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR)] + [
-                p for p in (out / STATE_DIR).iterdir() if p.suffix != ".lock"]:  # lock files stay: they are held
+def _clear(out: Path) -> None:
+    """Delete a cache's own entries (manifest, shards/, tokenizer/, state/ but its held lock files, the marker,
+    skipped.jsonl, temporary files of theirs); anything else in the directory stays."""
+    doomed = [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR, MARKER, SKIPPED_NAME)]
+    doomed += [p for p in (out / STATE_DIR).iterdir() if p.suffix != ".lock"]  # lock files stay: they are held
+    doomed += [*out.glob(f"{MANIFEST_NAME}.partial-*"), *out.glob(f"{MARKER}.tmp-*")]
+
+    def delete():
+        for p in doomed:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    _writable(delete, out)
+
+
+def _check_shards(rank: int, out: Path, resume: bool) -> dict:
+    """This rank's resume state (its closed shards, their checksums checked), {} for a fresh start; any other
+    file of the rank's in shards/ (an unfinished shard of an interrupted run) is removed."""
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_DIR / f"rank-{rank:03d}.json"
-    state = json.loads(state_path.read_text()) if (options.resume and state_path.exists()) else {}
+    state = json.loads(state_path.read_text()) if (resume and state_path.exists()) else {}
     done = {s["file"] for s in state.get("shards", [])}
     for s in state.get("shards", []):
+        if not (out / s["file"]).is_file():
+            raise BuildError(f"{out / s['file']}: missing, though {state_path} records it; rebuild with --overwrite")
         if file_sha256(out / s["file"]) != s["sha256"]:
             raise BuildError(f"{out / s['file']}: checksum differs from {state_path}; rebuild with --overwrite")
     for leftover in (out / SHARDS_DIR).glob(f"part-r{rank:03d}-*"):
@@ -181,7 +335,7 @@ def _clear_or_check(options: BuildOptions, rank: int, out: Path) -> dict:
 
 
 def _lock(out: Path, rank: int):
-    f = open(out / STATE_DIR / f"rank-{rank:03d}.lock", "w")
+    f = open(out / STATE_DIR / f"rank-{rank:03d}.lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -336,49 +490,98 @@ def _build_cache(options: BuildOptions) -> BuildResult:
     start = time.time()
     device = resolve_device(options.device)
     rank, world = rank_and_world(device.type == "cuda")
-    if rank == 0:
-        _refuse_out_dir(options)
     dtype = resolve_dtype(options.dtype, device)
+    if rank == 0:
+        _check_paths(options)  # before the record: the input files' fingerprint must not read the cache
+    record = content_record(options, device, dtype, world)
+    if rank == 0:
+        _claim_early(options, record)
     tokenizer, model = load_teacher(options, device, dtype)
     load_seconds = time.time() - start
     vocab_size = len(tokenizer)
     _check_model(options, model, vocab_size)
-    state, lock = _prepare_ranks(options, rank, world)
-    totals = None
+    state, lock = _prepare_ranks(options, rank, world, record)
+    totals, counts, report = None, DocumentCounts(), None
     try:
         if rank == 0:
-            tokenizer.save_pretrained(Path(options.out) / TOKENIZER_DIR)
+            _writable(lambda: tokenizer.save_pretrained(Path(options.out) / TOKENIZER_DIR), Path(options.out))
+            report = _SkipReport(Path(options.out), scan_inputs(options.data.paths).ignored)
+            counts.on_bad = report
         writer = _open_writer(options, model, vocab_size, rank, state)
-        counts = DocumentCounts()
-        rows_done = _teacher_pass(options, model, tokenizer, vocab_size, device, writer, counts, rank, world,
-                                  state.get("rows_done", 0))
+        try:
+            rows_done = _teacher_pass(options, model, tokenizer, vocab_size, device, writer, counts, rank, world,
+                                      state.get("rows_done", 0))
+        except TooManyBadRecords as e:
+            raise BuildError(f"{e}; every one is listed in {Path(options.out) / SKIPPED_NAME}. The shards "
+                             "finished so far are kept: run the same command with --resume") from None
+        if report is not None:
+            report.close()  # complete before the manifest says the cache is
         if rows_done == 0 and world == 1:
             raise BuildError(f"{', '.join(options.data.paths)}: the corpus gave no rows ({counts.read} documents "
-                             f"read, skipped: {dict(counts.skipped) or 'none'}); nothing was written")
+                             f"read, skipped: {dict(counts.skipped) or 'none'}); no shard was written: correct "
+                             "--data and run the same command again")
         if world > 1:
             torch.distributed.barrier()
         if rank == 0:
-            totals = _write_manifest(options, writer, model, tokenizer, vocab_size, dtype, device, counts, world)
+            totals = _write_manifest(options, writer, model, tokenizer, vocab_size, dtype, device, counts, world,
+                                     report)
         if world > 1:
             torch.distributed.barrier()
     finally:
+        if report is not None:
+            report.close()
         lock.close()
     seconds = time.time() - start
     manifest_path = Path(options.out) / MANIFEST_NAME
     if totals is None:  # ranks other than 0
         return BuildResult(manifest_path, 0, 0, 0, seconds, load_seconds)
-    return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds, load_seconds)
+    return BuildResult(manifest_path, totals.rows, totals.tokens, totals.bytes, seconds, load_seconds,
+                       bad_records=counts.bad, ignored_files=len(report.ignored))
 
 
-def _prepare_ranks(options: BuildOptions, rank: int, world: int):
-    """Every rank's _prepare_dir, rank 0's first: on --overwrite it clears the directory."""
+def _prepare_ranks(options: BuildOptions, rank: int, world: int, record: dict):
+    """Every rank's _prepare_dir, rank 0's first: it decides, and clears a cache it replaces."""
     if rank == 0:
-        state, lock = _prepare_dir(options, rank)
+        state, lock = _prepare_dir(options, rank, record)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        state, lock = _prepare_dir(options, rank)
+        state, lock = _prepare_dir(options, rank, record)
     return state, lock
+
+
+class _SkipReport:
+    """Rank 0's account of what the pass did not use: the first SHOW_BAD bad records and ignored files on
+    stderr, every one in skipped.jsonl beside the manifest (one JSON object per line: file, line, reason),
+    written as they come. A resumed pass reads every document again, so the file is started afresh."""
+
+    def __init__(self, out: Path, ignored: list):
+        self.path, self.file, self.shown = out / SKIPPED_NAME, None, 0
+        self.path.unlink(missing_ok=True)
+        self.ignored = [str(f) for f, _ in ignored]
+        for i, (f, why) in enumerate(ignored):
+            if i < SHOW_BAD:
+                _note(f"{f}: ignored: {why}")
+            self._write(str(f), None, f"ignored: {why}")
+        if len(ignored) > SHOW_BAD:
+            _note(f"{len(ignored) - SHOW_BAD} more files in --data ignored; all are listed in {self.path}")
+
+    def __call__(self, record: BadRecord) -> None:
+        if self.shown < SHOW_BAD:
+            _note(f"skipped {record}")
+        elif self.shown == SHOW_BAD:
+            _note(f"more bad records: they are listed in {self.path} only")
+        self.shown += 1
+        self._write(record.file, record.line, record.reason)
+
+    def _write(self, file: str, line: int | None, reason: str) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps({"file": file, "line": line, "reason": reason}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _open_writer(options: BuildOptions, model, vocab_size: int, rank: int, state: dict) -> CacheWriter:
@@ -427,9 +630,9 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
 
 
 def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer, vocab_size: int, dtype,
-                    device, counts: DocumentCounts, world: int):
-    """Rank 0, once every rank is done: the manifest over all ranks' shards (from their state files).
-    Returns its totals."""
+                    device, counts: DocumentCounts, world: int, report: _SkipReport):
+    """Rank 0, once every rank is done: the manifest over all ranks' shards (from their state files), with
+    the bad records and ignored files counted in ``extra``. Returns its totals."""
     out = Path(options.out)
     shards = []
     for r in range(world):
@@ -446,7 +649,8 @@ def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer
                       documents_read=counts.read, documents_used=counts.used,
                       documents_skipped=dict(counts.skipped)),
         extra={"world_size": world, "batch_size": options.batch_size, "device": str(device),
-               "zstd_level": options.zstd_level}, all_shards=shards)
+               "zstd_level": options.zstd_level, "bad_records": counts.bad, "ignored_files": len(report.ignored),
+               "skipped_report": SKIPPED_NAME if report.file is not None else None}, all_shards=shards)
     return manifest.totals
 
 

@@ -22,7 +22,9 @@ import numba
 import numpy as np
 import torch
 
+from teachercache.errors import OptionError, check_number
 from teachercache.format.manifest import TargetSpec
+from teachercache.format.schema import TARGET_KINDS
 from teachercache.numerics import LAUNCH_LOCK, exp_row_and_dot
 
 
@@ -37,6 +39,12 @@ class TargetArrays:
     label_logprob: np.ndarray    # (P,) float32
     rest_mass: np.ndarray        # (P,) float32
     entropy: np.ndarray          # (P,) float32
+
+
+MAX_IDS = 65535
+"""Most ids (or draws) per position a cache stores."""
+TEMPERATURES = (1e-4, 1e4)
+"""The temperatures a build takes: finite, and far enough from 0 that 1/T stays finite in float32."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,17 @@ class TargetOptions:
     temperature: float = 1.0
     """Teacher softmax temperature."""
 
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise OptionError(f"--target {self.kind!r}: choose one of {', '.join(TARGET_KINDS)}")
+        for name in ("k", "min_k", "max_k", "samples"):
+            check_number("build", f"{name} (--{name.replace('_', '-')})", getattr(self, name), low=1, high=MAX_IDS,
+                         integer=True)
+        check_number("build", "top_p (--top-p)", self.top_p, low=0, low_open=True, high=1)
+        check_number("build", "seed (--seed)", self.seed, low=0, high=2**63 - 1, integer=True)
+        check_number("build", "temperature (--temperature)", self.temperature, low=TEMPERATURES[0],
+                     high=TEMPERATURES[1])
+
     def spec(self) -> TargetSpec:
         topk, nucleus, sample = self.kind == "topk", self.kind == "nucleus", self.kind == "sample"
         return TargetSpec(kind=self.kind, k=self.k if topk else None, top_p=self.top_p if nucleus else None,
@@ -69,23 +88,33 @@ class TargetOptions:
                           temperature=self.temperature)
 
 
-def check_spec(spec: TargetSpec, vocab_size: int) -> None:
-    """Refuse a target spec that cannot work, with the option to fix."""
-    if spec.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {spec.temperature}")
-    if spec.kind == "topk" and not (spec.k and 1 <= spec.k <= min(vocab_size, 65535)):
-        raise ValueError(f"--k must be in [1, {min(vocab_size, 65535)}], got {spec.k}")
+def check_spec(spec: TargetSpec, vocab_size: int | None) -> None:
+    """Refuse (OptionError, a ValueError) a target spec that cannot work, with the option to fix: counts are
+    integers in range (at most the vocabulary's size once it is known), top_p and the temperature finite."""
+    high = MAX_IDS if vocab_size is None else min(vocab_size, MAX_IDS)
+
+    def count(value, most: int = high) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    lo, hi = TEMPERATURES
+    if not (number(spec.temperature) and lo <= spec.temperature <= hi):
+        raise OptionError(f"--temperature must be a finite number in [{lo:g}, {hi:g}], got {spec.temperature}")
+    if spec.kind == "topk" and not count(spec.k):
+        raise OptionError(f"--k must be in [1, {high}], got {spec.k}")
     if spec.kind == "nucleus":
-        if spec.top_p is None or not 0 < spec.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {spec.top_p}")
-        if not (spec.min_k and spec.max_k and 1 <= spec.min_k <= spec.max_k <= min(vocab_size, 65535)):
-            raise ValueError(f"--min-k/--max-k must satisfy 1 <= min_k <= max_k <= "
-                             f"{min(vocab_size, 65535)}, got {spec.min_k}/{spec.max_k}")
+        if not (number(spec.top_p) and 0 < spec.top_p <= 1):
+            raise OptionError(f"--top-p must be in (0, 1], got {spec.top_p}")
+        if not (count(spec.min_k) and count(spec.max_k) and spec.min_k <= spec.max_k):
+            raise OptionError(f"--min-k/--max-k must satisfy 1 <= min_k <= max_k <= {high}, got "
+                              f"{spec.min_k}/{spec.max_k}")
     if spec.kind == "sample":
-        if not (spec.samples and 1 <= spec.samples <= 65535):
-            raise ValueError(f"--samples must be in [1, 65535], got {spec.samples}")
-        if spec.seed is None:
-            raise ValueError("sampled targets need --seed")
+        if not count(spec.samples, MAX_IDS):  # draws with replacement: not bounded by the vocabulary
+            raise OptionError(f"--samples must be in [1, {MAX_IDS}], got {spec.samples}")
+        if not (isinstance(spec.seed, int) and not isinstance(spec.seed, bool)):
+            raise OptionError(f"sampled targets need an integer --seed, got {spec.seed}")
 
 
 def row_generator(seed: int, row_index: int, device: torch.device) -> torch.Generator:

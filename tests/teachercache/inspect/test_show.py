@@ -61,3 +61,24 @@ def test_colour_and_positions(demo_cache):
         parse_positions("5-9")
     result = CliRunner().invoke(main, ["show", str(demo_cache), "--row", "1000"])
     assert result.exit_code == 1 and "row 1000 does not exist" in result.output
+
+
+def test_plain_text_show_does_not_pass_terminal_escapes_through(tmp_path):
+    # a corpus line holding escape sequences (clear the screen, retitle the window): shown as escapes
+    import json as _json
+    import subprocess
+    import sys
+
+    from teachercache.teacher.build import BuildOptions, build_cache
+    from teachercache.teacher.corpus import DataOptions
+
+    data = tmp_path / "evil.jsonl"
+    data.write_text(_json.dumps({"text": "print('hi')\x1b[2J\x1b]0;pwned\x07 and more text " * 8}) + "\n")
+    cache = tmp_path / "cache"
+    build_cache(BuildOptions(teacher=str(ROOT / "data" / "teacher"), out=str(cache), progress=False, batch_size=4,
+                             data=DataOptions(paths=(str(data),), seq_len=32)))
+    proc = subprocess.run([sys.executable, "-m", "teachercache", "show", str(cache), "--row", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert "\\x1b[2J" in proc.stdout
