@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from teachercache.errors import check_number
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
@@ -60,6 +62,15 @@ class DemoOptions:
     """Seed of both students."""
     progress: bool = True
     """Show progress bars."""
+
+    def __post_init__(self):
+        """Every number checked before the teacher pass starts (OptionError naming the flag)."""
+        for name, low in (("seq_len", 2), ("k", 1), ("steps", 1), ("batch_size", 1), ("eval_every", 0)):
+            check_number("demo", f"{name} (--{name.replace('_', '-')})", getattr(self, name), low=low, integer=True)
+        for name in ("max_docs", "eval_rows"):
+            if getattr(self, name) is not None:
+                check_number("demo", f"{name} (--{name.replace('_', '-')})", getattr(self, name), low=1, integer=True)
+        check_number("demo", "lr (--lr)", self.lr, low=0, low_open=True)
 
 
 def run_demo(options: DemoOptions, echo=print) -> dict:

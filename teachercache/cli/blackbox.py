@@ -49,8 +49,8 @@ def generate_command(**options):
 @click.command("stepbystep")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--label-repeat", default=1, show_default=True, help="Times each label-task record is written.")
-@click.option("--rationale-repeat", default=1, show_default=True, help="Times each rationale-task record is written.")
+@click.option("--label-repeat", type=click.IntRange(min=0), default=1, show_default=True, help="Times each label-task record is written.")
+@click.option("--rationale-repeat", type=click.IntRange(min=0), default=1, show_default=True, help="Times each rationale-task record is written.")
 def stepbystep_command(src, dst, label_repeat, rationale_repeat):
     """Turn `generate --template cot` output SRC into distilling-step-by-step records DST: per example a
     "[label] " task (query -> answer) and a "[rationale] " task (query -> rationale); weights by repetition.

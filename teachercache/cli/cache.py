@@ -137,9 +137,9 @@ def verify_command(cache, deep):
 
 @click.command("show")
 @click.argument("cache", type=click.Path(file_okay=False))
-@click.option("--row", type=int, required=True, help="Row number in the cache (0-based).")
+@click.option("--row", type=click.IntRange(min=0), required=True, help="Row number in the cache (0-based).")
 @click.option("--positions", default=None, help="Token range a:b of the row to list (default: all).")
-@click.option("--top", default=5, show_default=True, help="Teacher alternatives per position.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Teacher alternatives per position.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML page to this file.")
 def show_command(cache, row, positions, top, html_file):
@@ -182,7 +182,7 @@ def plot_command(cache, out):
 @click.argument("cache_a", type=click.Path(file_okay=False))
 @click.argument("cache_b", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@field_option(DiffOptions, "worst", "--worst")
+@field_option(DiffOptions, "worst", "--worst", type=click.IntRange(min=0))
 def diff_command(cache_a, cache_b, as_json, worst):
     """KL(A||B) per position between two caches of the same rows: mean, p50, p99, max and the worst rows.
 
@@ -220,7 +220,7 @@ def export_command(cache, out, **options):
 @click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
               help="Directory of the teacher's tokenizer (copied into the cache).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
-@field_option(VllmImportOptions, "k", "--k", type=int)
+@field_option(VllmImportOptions, "k", "--k", type=click.IntRange(min=1))
 @field_option(VllmImportOptions, "teacher", "--teacher")
 @overwrite_option(VllmImportOptions)
 def import_vllm_command(file, tokenizer, out, **options):
@@ -242,7 +242,7 @@ def import_vllm_command(file, tokenizer, out, **options):
 @click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
               help="Directory of the tokenizer that matches the API's tokens (needs a chat_template).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
-@field_option(ApiImportOptions, "max_unmapped", "--max-unmapped")
+@field_option(ApiImportOptions, "max_unmapped", "--max-unmapped", type=FiniteFloatRange(0, 1))
 @field_option(ApiImportOptions, "teacher", "--teacher")
 @overwrite_option(ApiImportOptions)
 def import_api_command(file, tokenizer, out, **options):

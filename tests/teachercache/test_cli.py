@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from teachercache.cli import main
@@ -82,3 +83,22 @@ def test_train_flags_reach_the_nested_options(tmp_path, monkeypatch):
     assert (options.kd.ce_weight, options.kd.alpha, options.schedule.lr) == (0.25, 0.2, 0.01)
     assert options.loader.shuffle is False and options.eval.every == 7 and options.hint.layers == "1:2"
     assert options.kd.kd_weight == 1.0 and options.schedule.steps == 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "CACHE", "--row", "-1"], "Invalid value for '--row': -1 is not in the range x>=0"),
+    (["show", "CACHE", "--row", "0", "--top", "0"], "Invalid value for '--top': 0 is not in the range x>=1"),
+    (["diff", "CACHE", "CACHE", "--worst", "-1"], "Invalid value for '--worst'"),
+    (["stepbystep", "a.jsonl", "b.jsonl", "--label-repeat", "-1"], "Invalid value for '--label-repeat'"),
+    (["import-vllm", "a.jsonl", "--tokenizer", "T", "--out", "O", "--k", "0"], "Invalid value for '--k'"),
+    (["import-api", "a.jsonl", "--tokenizer", "T", "--out", "O", "--max-unmapped", "nan"], "is not a finite number"),
+    (["demo", "--out", "OUT", "--steps", "0"], "demo: steps (--steps) must be a finite integer in [1, inf], got 0"),
+    (["demo", "--out", "OUT", "--eval-every", "-1"], "demo: eval_every (--eval-every) must be a finite integer"),
+    (["demo", "--out", "OUT", "--max-docs", "0"], "demo: max_docs (--max-docs) must be a finite integer in [1, inf]"),
+])
+def test_every_numeric_option_is_range_checked_before_any_work(tmp_path, args, message):
+    # (issue 18, item 7) each refused before a file is opened or a model loaded: exit 1 or 2, one line
+    args = [str(tmp_path / "x") if a in ("CACHE", "T", "O", "OUT") else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert not (tmp_path / "x").exists()
