@@ -36,6 +36,7 @@ class Case:
     prepare: Callable[[Path, Path], Prepared]
     expect: str
     exit_codes: tuple = (1, 2)
+    clean_output: bool = False   # also refuse a raw escape character in what the command printed
 
 
 def cli(*args) -> list[str]:
@@ -232,6 +233,14 @@ def _build_flag(flag, value):
     return prepare
 
 
+def _escapes_in_text(work, ref):
+    """A corpus line holding terminal escape sequences (clear the screen, retitle the window), then show."""
+    data = work / "evil.jsonl"
+    data.write_text(json.dumps({"text": "print('hi')\x1b[2J\x1b]0;pwned\x07 and more text " * 8}) + "\n")
+    subprocess.run(_build(work / "cache", data=data), check=True, capture_output=True)
+    return Prepared(cli("show", work / "cache", "--row", 0), [work / "cache"])
+
+
 def _eval_text_seq_len(work, ref):
     return Prepared(cli("eval", "--model", TEACHER, "--data", CORPUS, "--seq-len", 100_000, "--max-rows", 1), [])
 
@@ -270,6 +279,8 @@ CASES = [
     Case(12, "train on a manifest resealed to a 2^24 vocabulary", _resealed_vocab,
          r"layout.vocab_size: 16777216 is beyond the limit of \d+ \(the files of tokenizer/ hold"),
     Case(9, "inspect a cache whose manifest lists hidden layer 2 twice", _hidden_twice, r"layer 2 is listed twice"),
+    Case(13, "show a row whose text holds terminal escape sequences", _escapes_in_text,
+         r"print\('hi'\)\\x1b\[2J\\x1b\]0;pwned\\x07", (0,), clean_output=True),
     Case(3, "build --resume with another --k", _resume_other_k,
          r"--resume with other options than the run it continues: .*targets.k: 16 -> 4"),
     Case(5, "build over records with a lone surrogate and 100,000 levels of nesting", _bad_records,
@@ -310,6 +321,8 @@ def run_case(case: Case, work: Path, ref: Path, env: dict) -> dict:
         problems.append("message")
     if changed:
         problems.append("changed " + ", ".join(changed))
+    if case.clean_output and "\x1b" in output:
+        problems.append("raw escape sequence printed")
     lines = [line for line in output.strip().splitlines() if not line.startswith("Loading weights")]
     last = next((line for line in lines if re.search(case.expect, line)), lines[-1] if lines else "")
     return {"item": case.item, "case": case.name, "exit": code, "ok": not problems, "problems": problems,
