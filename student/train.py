@@ -65,6 +65,8 @@ class TrainResult:
     final_loss: float
     seconds: float
     eval: dict | None
+    complete: bool = False
+    """True when --resume found the run already complete and trained nothing."""
 
 
 @dataclass
@@ -184,9 +186,6 @@ def set_up(options: TrainOptions) -> Run:
     out = Path(options.out)
     record = options_record(options, RESUME_SAFE)
     check_output(out, "student", record=record, resume=options.checkpoints.resume)
-    if options.checkpoints.resume and (out / SUMMARY_FILE).exists():
-        raise TrainError(f"{out}: the run is complete ({SUMMARY_FILE} is there); nothing to resume: choose another "
-                         "--out for a new run")
     cache = Cache.open(options.cache)
     config = kd_config(options, cache.layout.sampled)
     tokenizer, model, projector, hint_pairs = prepare_student(options, cache, device)
@@ -390,6 +389,13 @@ def after_step(run: Run, record: dict, metrics) -> dict | None:
 def train(options: TrainOptions) -> TrainResult:
     """Train a student from ``options.cache``; see the module docstring for what one step does."""
     started = time.perf_counter()
+    out = Path(options.out)
+    if options.checkpoints.resume and (out / SUMMARY_FILE).exists():
+        # a complete run (killed while exiting, or resumed twice): nothing to redo, nothing rewritten
+        check_output(out, "student", record=options_record(options, RESUME_SAFE), resume=True)
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        return TrainResult(out=out, steps=summary["steps"], final_loss=summary["final_loss"], seconds=0.0,
+                           eval=summary.get("eval"), complete=True)
     run = set_up(options)
     try:
         return _train(run, started)

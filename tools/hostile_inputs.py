@@ -258,7 +258,8 @@ CASES = [
          r"a directory, not an exported parquet file"),
     Case(2, "train --resume into a copy of a model directory", _resume_teacher_copy,
          r"not a teachercache training run but a model directory"),
-    Case(2, "train --resume of a complete run", _resume_complete_run, r"the run is complete"),
+    Case(2, "train --resume of a complete run (left as it is)", _resume_complete_run,
+         r"the run is already complete \(2 steps, .*nothing to resume", (0,)),
     Case(6, "train --resume with another --kd-loss and --lr", _resume_other_options,
          r"--resume with other options than the run it continues: kd.loss: None -> 'reverse_kl'; "
          r"schedule.lr: 0.001 -> 0.01"),

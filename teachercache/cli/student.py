@@ -73,8 +73,12 @@ def train_command(**values):
     top, groups = split_groups(values)
     options = TrainOptions(**top, **{name: GROUPS[name](**fields) for name, fields in groups.items()})
     result = train(options)
-    click.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, last loss {result.final_loss:.4f}; "
-               f"student saved to {result.out}")
+    if result.complete:
+        click.echo(f"{result.out}: the run is already complete ({result.steps} steps, last loss "
+                   f"{result.final_loss:.4f}); nothing to resume")
+    else:
+        click.echo(f"trained {result.steps} steps in {result.seconds:.1f} s, last loss {result.final_loss:.4f}; "
+                   f"student saved to {result.out}")
     if result.eval:
         click.echo("eval: " + json.dumps(result.eval))
 

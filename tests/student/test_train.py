@@ -233,14 +233,16 @@ def test_train_writes_only_into_its_own_runs(caches, tmp_path):
                                               r"\(config.json, .*choose another --out"):
             train(_options(caches, teacher_copy, steps=1, checkpoints=CheckpointOptions(resume=resume)))
     assert {p.name: p.read_bytes() for p in teacher_copy.iterdir()} == before
-    # a finished run: not written over, not resumed (retrained from step 0, as it was before)
+    # a finished run: not written over; --resume finds it complete and leaves it (0.2 retrained it from step 0)
     out = tmp_path / "done"
     train(_options(caches, out, steps=2))
     assert json.loads((out / MARKER).read_text())["kind"] == "student"
     with pytest.raises(OutputError, match=r"already holds a teachercache training run; add --resume"):
         train(_options(caches, out, steps=2))
-    with pytest.raises(TrainError, match=r"the run is complete \(training_summary.json is there\); nothing to resume"):
-        train(_options(caches, out, steps=2, checkpoints=CheckpointOptions(resume=True)))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = train(_options(caches, out, steps=2, checkpoints=CheckpointOptions(resume=True)))
+    assert again.complete and again.steps == 2                           # nothing retrained or rewritten
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # an unwritable --out
     with pytest.raises(TrainError, match=r"/sys/teachercache-test: cannot write there"):
         train(_options(caches, "/sys/teachercache-test", steps=1))
