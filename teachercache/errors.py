@@ -7,6 +7,7 @@ them into a one-line message and a non-zero exit code; nothing else in the packa
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -52,6 +53,16 @@ class CachePathError(CacheError):
     """A path named inside a manifest points outside the cache directory (or is not a plain path)."""
 
 
+class TokenizerLoadError(TeachercacheError):
+    """transformers could not load a tokenizer without running code: ``problem`` says why, ``custom_code``
+    whether its files name code of their own (an auto_map)."""
+
+    def __init__(self, problem: str, custom_code: bool):
+        self.problem = problem
+        self.custom_code = custom_code
+        super().__init__(problem)
+
+
 class OptionError(TeachercacheError, ValueError):
     """An option value out of its range (NaN, infinite, negative, zero where it must be positive)."""
 
@@ -60,8 +71,6 @@ def check_number(owner: str, name: str, value, *, low: float | None = None, high
                  low_open: bool = False, integer: bool = False) -> None:
     """Refuse (OptionError naming ``owner``'s field) a value that is not a finite number in [low, high]
     (``low_open``: (low, high]); ``integer`` also refuses non-integers. Shared by every options dataclass."""
-    import math
-
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and integer:
         ok = float(value).is_integer()

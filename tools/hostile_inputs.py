@@ -106,9 +106,14 @@ def _second_run(work, ref):
     return Prepared(_train(ref, out, "--resume", "--checkpoint-every", 1), [out], hold=lock)
 
 
-def _flag(flag, value):
+def _flag(command, flag, value):
+    """A case's preparation: ``command`` (train or build into the case's directory, or eval of the demo
+    teacher on the reference cache) with one extra flag."""
     def prepare(work, ref):
-        return Prepared(_train(ref, work / "out", flag, value), [work])
+        args = {"train": lambda: _train(ref, work / "out", flag, value),
+                "build": lambda: _build(work / "out", flag, value),
+                "eval": lambda: cli("eval", "--model", TEACHER, "--data", ref, flag, value)}[command]()
+        return Prepared(args, [work, ref])
     return prepare
 
 
@@ -227,12 +232,6 @@ def _build_over_project(work, ref):
     return Prepared(_build(project, "--overwrite"), [project])
 
 
-def _build_flag(flag, value):
-    def prepare(work, ref):
-        return Prepared(_build(work / "out", flag, value), [work])
-    return prepare
-
-
 def _escapes_in_text(work, ref):
     """A corpus line holding terminal escape sequences (clear the screen, retitle the window), then show."""
     data = work / "evil.jsonl"
@@ -243,12 +242,6 @@ def _escapes_in_text(work, ref):
 
 def _eval_text_seq_len(work, ref):
     return Prepared(cli("eval", "--model", TEACHER, "--data", CORPUS, "--seq-len", 100_000, "--max-rows", 1), [])
-
-
-def _eval_flag(flag, value):
-    def prepare(work, ref):
-        return Prepared(cli("eval", "--model", TEACHER, "--data", ref, flag, value), [ref])
-    return prepare
 
 
 CASES = [
@@ -265,10 +258,13 @@ CASES = [
          r"schedule.lr: 0.001 -> 0.01"),
     Case(10, "train into a run whose lock another process holds", _second_run,
          r"another training run is writing into this directory"),
-    Case(7, "train --lr inf", _flag("--lr", "inf"), r"lr \(--lr\) must be a finite number"),
-    Case(7, "train --kd-alpha nan", _flag("--kd-alpha", "nan"), r"kd_weight \(--kd-alpha\) must be a finite number"),
-    Case(7, "train --kd-alpha -1", _flag("--kd-alpha", "-1"), r"kd_weight \(--kd-alpha\) must be a finite number"),
-    Case(7, "train --max-grad-norm nan", _flag("--max-grad-norm", "nan"), r"max_grad_norm .* must be a finite number"),
+    Case(7, "train --lr inf", _flag("train", "--lr", "inf"), r"lr \(--lr\) must be a finite number"),
+    Case(7, "train --kd-alpha nan", _flag("train", "--kd-alpha", "nan"),
+         r"kd_weight \(--kd-alpha\) must be a finite number"),
+    Case(7, "train --kd-alpha -1", _flag("train", "--kd-alpha", "-1"),
+         r"kd_weight \(--kd-alpha\) must be a finite number"),
+    Case(7, "train --max-grad-norm nan", _flag("train", "--max-grad-norm", "nan"),
+         r"max_grad_norm .* must be a finite number"),
     Case(13, "train into an unwritable --out", _unwritable_out, r"cannot write there"),
     Case(4, "show a cache whose tokenizer names custom code", _code_in_tokenizer,
          r"names custom tokenizer code \(field auto_map: .*which teachercache never runs"),
@@ -289,10 +285,10 @@ CASES = [
     Case(8, "build a data directory with a .JSONL.gz and a .csv", _data_dir_inputs, r"ignored", (0,)),
     Case(8, "build --out inside --data", _out_inside_data, r"lies inside --data"),
     Case(1, "build --overwrite over a project directory", _build_over_project, r"not a teachercache cache"),
-    Case(7, "build --temperature inf", _build_flag("--temperature", "inf"), r"not a finite number"),
-    Case(7, "build --shard-mb nan", _build_flag("--shard-mb", "nan"), r"not a finite number"),
-    Case(9, "build --hidden-layers 2,2", _build_flag("--hidden-layers", "2,2"), r"layer 2 is given twice"),
-    Case(11, "eval --batch-size 0", _eval_flag("--batch-size", 0), r"Invalid value for '--batch-size'"),
+    Case(7, "build --temperature inf", _flag("build", "--temperature", "inf"), r"not a finite number"),
+    Case(7, "build --shard-mb nan", _flag("build", "--shard-mb", "nan"), r"not a finite number"),
+    Case(9, "build --hidden-layers 2,2", _flag("build", "--hidden-layers", "2,2"), r"layer 2 is given twice"),
+    Case(11, "eval --batch-size 0", _flag("eval", "--batch-size", 0), r"Invalid value for '--batch-size'"),
     Case(11, "eval of a text file with --seq-len beyond the model's positions", _eval_text_seq_len,
          r"--seq-len 100000 exceeds the model's max_position_embeddings"),
 ]

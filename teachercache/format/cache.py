@@ -18,7 +18,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
-from teachercache.errors import CacheCorruptError, CacheFormatError, CacheLimitError, CachePathError
+from teachercache.errors import (CacheCorruptError, CacheFormatError, CacheLimitError, CachePathError,
+                                  TokenizerLoadError)
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
 from teachercache.format.manifest import (SHARDS_DIR, TOKENIZER_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo,
@@ -93,16 +94,10 @@ class Cache:
         """The cache's copy of the teacher's tokenizer: its files checked (``check_tokenizer_files``), loaded by
         transformers without running code, then compared with the manifest (``check_tokenizer``)."""
         directory = check_tokenizer_files(self.path)
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
-        except Exception as e:  # transformers and tokenizers raise OSError, ValueError, KeyError, Rust's Exception
-            code = custom_tokenizer_code(directory)
-            if code:
-                raise CacheFormatError(directory, f"{code}, which teachercache never runs", _NO_CODE_FIX) from None
-            raise CacheFormatError(directory, f"transformers cannot load the tokenizer ({type(e).__name__}: "
-                                   f"{' '.join(str(e).split())[:300]})", _TOKENIZER_FIX) from None
+            tokenizer = load_tokenizer_without_code(directory, local_files_only=True)
+        except TokenizerLoadError as e:
+            raise CacheFormatError(directory, e.problem, _NO_CODE_FIX if e.custom_code else _TOKENIZER_FIX) from None
         check_tokenizer(self.manifest, tokenizer, directory)
         return tokenizer
 
@@ -111,6 +106,22 @@ _TOKENIZER_FIX = ("restore the tokenizer files the build wrote (save_pretrained 
                   "rebuild the cache")
 _NO_CODE_FIX = ("opening a cache never runs code: give it a standard tokenizer, tokenizer.json and a "
                 "tokenizer_config.json without auto_map, as save_pretrained of a built-in tokenizer class writes them")
+
+
+def load_tokenizer_without_code(path: str | os.PathLike, **kwargs):
+    """``AutoTokenizer.from_pretrained(path, trust_remote_code=False)``: never imports code the files name and
+    never asks about it on stdin. TokenizerLoadError (the problem, and whether the files name custom code)
+    when transformers refuses or fails; callers add the fix that fits their flag."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers and tokenizers raise OSError, ValueError, KeyError, Rust's Exception
+        code = custom_tokenizer_code(path)
+        if code:
+            raise TokenizerLoadError(f"{code}, which teachercache never runs", custom_code=True) from None
+        raise TokenizerLoadError(f"transformers cannot load the tokenizer ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]})", custom_code=False) from None
 
 
 def custom_tokenizer_code(path: str | os.PathLike) -> str | None:

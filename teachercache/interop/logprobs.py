@@ -20,8 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
+from teachercache.errors import TokenizerLoadError
 from teachercache.format.batch import RowBatch
-from teachercache.format.cache import custom_tokenizer_code
+from teachercache.format.cache import load_tokenizer_without_code
 
 ENTROPY_NOTE = "estimated: stored probabilities plus the rest mass spread evenly over the unstored ids"
 
@@ -56,24 +57,19 @@ def jsonl_records(path: Path, error: type[Exception]) -> Iterator[tuple[str, obj
 
 
 def read_tokenizer(tokenizer_dir: str | os.PathLike, error: type[Exception]):
-    """The tokenizer of ``--tokenizer``, loaded without running code: files that name custom code (an
-    ``auto_map`` beside a .py file) are refused with ``error``, never imported and never asked about on stdin."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of ``--tokenizer``, loaded without running code (``load_tokenizer_without_code``): files
+    that name custom code (an ``auto_map`` beside a .py file) are refused with ``error``, never imported and
+    never asked about on stdin."""
     path = Path(tokenizer_dir)
     if not path.is_dir():
         raise error(f"--tokenizer {tokenizer_dir}: no such directory (give the directory of the teacher's tokenizer)")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as e:  # transformers: OSError, ValueError (custom code refused); tokenizers: a plain Exception
-        code = custom_tokenizer_code(path)
-        if code:
-            raise error(f"--tokenizer {tokenizer_dir}: {code}, which teachercache never runs; give a directory with "
-                        "a standard tokenizer, tokenizer.json and a tokenizer_config.json without auto_map, as "
-                        "save_pretrained of a built-in tokenizer class writes them") from None
-        raise error(f"--tokenizer {tokenizer_dir}: transformers cannot load the tokenizer ({type(e).__name__}: "
-                    f"{' '.join(str(e).split())[:300]}); give the directory the teacher's tokenizer was saved to "
-                    "(save_pretrained)") from None
+        return load_tokenizer_without_code(path)
+    except TokenizerLoadError as e:
+        fix = ("give a directory with a standard tokenizer, tokenizer.json and a tokenizer_config.json without "
+               "auto_map, as save_pretrained of a built-in tokenizer class writes them" if e.custom_code else
+               "give the directory the teacher's tokenizer was saved to (save_pretrained)")
+        raise error(f"--tokenizer {tokenizer_dir}: {e.problem}; {fix}") from None
 
 
 def check_output(out: Path, overwrite: bool, error: type[Exception]) -> None:
