@@ -22,7 +22,7 @@ import torch
 from teachercache.blackbox.templates import (TEMPLATES, DemoTemplate, Example, demo_template, render_instruction,
                                              split_rationale)
 from teachercache.errors import TeachercacheError
-from teachercache.runtime import resolve_device, resolve_dtype
+from teachercache.runtime import load_causal_lm, resolve_device, resolve_dtype
 
 
 class GenerateError(TeachercacheError):
@@ -248,16 +248,9 @@ class PerPromptSampler:
 
 
 def _load(options: GenerateOptions):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    try:
-        tok = AutoTokenizer.from_pretrained(options.teacher, trust_remote_code=options.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtype,
-                                                     trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"--teacher {options.teacher}: cannot be loaded ({e})") from None
+    tok, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, GenerateError)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

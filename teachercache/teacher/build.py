@@ -39,7 +39,7 @@ from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, 
                                           write_json_atomic)
 from teachercache.format.outputs import MARKER, check_output, identify, options_record, write_marker
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
-from teachercache.runtime import pad_id, rank_and_world, resolve_device, resolve_dtype
+from teachercache.runtime import load_causal_lm, pad_id, rank_and_world, resolve_device, resolve_dtype
 from teachercache.teacher.corpus import (BadRecord, DataOptions, DocumentCounts, TooManyBadRecords, count_documents,
                                          data_fingerprint, iter_packed_rows, scan_inputs)
 from teachercache.teacher.targets import check_spec, compute_targets
@@ -134,17 +134,10 @@ class BuildResult:
 
 
 def load_teacher(options: BuildOptions, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(options.teacher)
     if (path.is_absolute() or options.teacher.startswith(".")) and not path.exists():
         raise BuildError(f"--teacher {options.teacher}: no such directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(options.teacher, trust_remote_code=options.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(options.teacher, dtype=dtype,
-                                                     trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BuildError(f"--teacher {options.teacher}: cannot be loaded ({e})") from None
+    tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError)
     return tokenizer, model.to(device).eval()
 
 
