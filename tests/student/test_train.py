@@ -303,3 +303,35 @@ def test_non_finite_and_negative_hyper_parameters_are_refused(caches, tmp_path, 
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_grad_accum_gives_the_step_of_one_big_batch(tmp_path):
+    """--batch-size x --grad-accum 4x1, 2x2 and 1x4 read the same 4 rows per step and give the same loss and
+    weights: every target position of the step weighs 1 / (the step's positions). The rows have different
+    numbers of target positions, so averaging micro-batch means would differ."""
+    corpus = tmp_path / "uneven.jsonl"
+    words = "the river ran past the old mill and on towards the sea where boats waited".split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[: 3 + 2 * i])}) + "\n" for i in range(8)))
+    cache = tmp_path / "cache"
+    build_cache(BuildOptions(teacher=str(TEACHER), out=str(cache), progress=False,
+                             data=DataOptions(paths=(str(corpus),), seq_len=64, packing="document"),
+                             targets=TargetSpec(kind="topk", k=8)))
+    runs = {}
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"s{batch}x{accum}"
+        train(TrainOptions(cache=str(cache), student="llama-tiny", out=str(out), progress=False, log_every=1,
+                           schedule=ScheduleOptions(steps=2, batch_size=batch, grad_accum=accum, lr=3e-3,
+                                                    warmup_steps=0, max_grad_norm=1e9),
+                           loader=LoaderOptions(shuffle=False), kd=KDOptions(ce_weight=0.25)))
+        runs[batch, accum] = (_metrics(out), load_file(out / "model.safetensors"))
+    (rows, weights) = runs[4, 1]
+    assert len(rows) == 2 and rows[0]["loss"] > 0.5
+    for shape in ((2, 2), (1, 4)):
+        other_rows, other_weights = runs[shape]
+        for a, b in zip(rows, other_rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), shape
+            assert b["kd"] == pytest.approx(a["kd"], rel=1e-4), shape
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), shape
+            assert b["positions"] == a["positions"], shape
+        for k in weights:   # Adam turns rounding in near-zero gradients into differences up to ~1e-5 (lr 3e-3)
+            torch.testing.assert_close(other_weights[k], weights[k], rtol=0, atol=1e-4)
