@@ -21,6 +21,7 @@ from student.kd_types import KDConfig
 from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import TOKENIZER_DIR, tokenizer_fingerprint
+from teachercache.teacher.head import LOGIT_TRANSFORMS, logit_transforms
 
 PRESETS = {
     # small Llama-style students; vocab_size comes from the cache
@@ -102,13 +103,11 @@ def check_student(model, tokenizer, cache: Cache, hint_pairs) -> None:
 
 
 def check_fusable(model) -> None:
-    """``--fused-head`` computes logits = hidden @ head.T: refuse a student whose logits are more than that."""
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        value = getattr(cfg, attr, None)
-        if value not in (None, 1, 1.0):
-            raise TrainError(f"--fused-head: the student's config sets {attr}={value}, which the chunked head "
-                             "does not apply; train without --fused-head")
+    """``--fused-head`` computes logits = hidden @ head.T: refuse a student whose logits are more than that
+    (a logit transform of teachercache.teacher.head, or a head bias)."""
+    for attr, value in logit_transforms(model.config).items():
+        raise TrainError(f"--fused-head: the student's config sets {attr}={value:g} ({LOGIT_TRANSFORMS[attr]}), "
+                         "which the chunked head does not apply; train without --fused-head")
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise TrainError("--fused-head: the student's LM head has a bias; train without --fused-head")

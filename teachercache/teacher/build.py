@@ -42,7 +42,9 @@ from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
 from teachercache.runtime import load_causal_lm, pad_id, rank_and_world, resolve_device, resolve_dtype
 from teachercache.teacher.corpus import (BadRecord, DataOptions, DocumentCounts, TooManyBadRecords, count_documents,
                                          data_fingerprint, iter_packed_rows, scan_inputs)
-from teachercache.teacher.targets import check_spec, compute_targets
+from teachercache.teacher.head import SplitHead, split_head
+from teachercache.teacher.targets import (check_spec, compute_targets, join_targets, position_targets,
+                                         position_uniforms)
 
 SKIPPED_NAME = "skipped.jsonl"
 """Beside the manifest: every bad record (file, line, reason) and every ignored input file of the last pass."""
@@ -92,6 +94,10 @@ class BuildOptions:
     """Let transformers run the teacher repository's own code (off unless asked for)."""
     queue_batches: int = 4
     """Batches waiting for the writer at most (bounds memory); 1 when the writer computes the targets."""
+    head_chunk: int = 1024
+    """Target positions whose logits exist at once: the LM head runs over chunks of this many positions
+    (extra memory ~ head_chunk x vocabulary floats). 0: the model's whole forward, all the batch's logits at
+    once (the fallback of a model whose head cannot be split; teacher.head)."""
     targets_backend: str = "auto"
     """compute_targets' backend: auto (numba for top-k/nucleus of a CPU teacher, else torch), torch, numba."""
     progress: bool = True
@@ -104,6 +110,7 @@ class BuildOptions:
                                  ("zstd_level", "--zstd-level", 22), ("queue_batches", None, None)):
             check_number("build", f"{name} ({flag})" if flag else name, getattr(self, name), low=1, high=high,
                          integer=True)
+        check_number("build", "head_chunk (--head-chunk)", self.head_chunk, low=0, integer=True)
         layers = tuple(self.hidden_layers)
         shown = ",".join(map(str, layers))
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
@@ -360,23 +367,49 @@ def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int
 
 @dataclass
 class _Pending:
-    """A batch whose forward pass is done and whose targets are not computed yet."""
+    """A batch whose forward pass is done and whose targets are not computed yet: either the model's logits
+    (B, T, V) (``logits``) or the final hidden states of its P target positions (``hidden``), whose logits
+    the split head computes a chunk of positions at a time."""
 
-    logits: torch.Tensor
-    ids: torch.Tensor
-    mask: torch.Tensor
-    row_indices: list[int]
     rows: RowBatch
     """Everything but the targets, filled in by finish()."""
+    row_indices: list[int]
+    logits: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    """(P, H) final hidden states of the target positions, in row order."""
+    labels: torch.Tensor | None = None
+    """(P,) their next tokens."""
+    uniforms: torch.Tensor | None = None
+    """(P, samples) of sampled targets."""
+    split: SplitHead | None = None
 
     def finish(self, options: BuildOptions, vocab_size: int) -> RowBatch:
-        t = compute_targets(self.logits, self.ids, self.mask, options.targets, vocab_size,
-                            row_indices=self.row_indices, backend=options.targets_backend)
-        rb, self.logits = self.rows, None
+        spec, backend = options.targets, options.targets_backend
+        if self.hidden is None:
+            t = compute_targets(self.logits, self.ids, self.mask, spec, vocab_size, row_indices=self.row_indices,
+                                backend=backend)
+        else:
+            parts = []
+            for a, b in _chunks(len(self.labels), options.head_chunk):
+                u = None if self.uniforms is None else self.uniforms[a:b]
+                parts.append(position_targets(self.split.logits(self.hidden[a:b]), self.labels[a:b], spec,
+                                              vocab_size, u, backend))
+            t = join_targets(parts, spec)
+        rb, self.logits, self.hidden = self.rows, None, None
         rb.target_offsets, rb.target_ids, rb.target_logprobs = t.target_offsets, t.target_ids, t.target_logprobs
         rb.target_counts, rb.label_logprob, rb.rest_mass, rb.entropy = (t.target_counts, t.label_logprob,
                                                                        t.rest_mass, t.entropy)
         return rb
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """[a, b) ranges covering n positions in ceil(n / size) chunks of nearly equal length (a small last chunk
+    would take another matmul kernel, whose rounding differs)."""
+    count = max(-(-n // size), 1)
+    bounds = [n * i // count for i in range(count + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _defer_targets(options: BuildOptions, device) -> bool:
@@ -385,8 +418,25 @@ def _defer_targets(options: BuildOptions, device) -> bool:
     return device.type == "cpu" and options.targets.kind != "sample" and options.targets_backend != "torch"
 
 
+def _split_head(options: BuildOptions, model, first_ids: torch.Tensor, device) -> SplitHead | None:
+    """The model's SplitHead when the head can run over chunks of positions and gives the model's own logits
+    (checked on the first batch's first row), else None with a one-line notice (teacher.head)."""
+    if options.head_chunk == 0:
+        return None
+    split, why = split_head(model)
+    if split is not None and options.hidden_layers and split.layers is None:
+        split, why = None, "its decoder layers, where the hidden states are taken, were not found"
+    if split is not None:
+        why = split.check(model, first_ids.to(device))
+        split = split if why is None else None
+    if split is None:
+        _note(f"the LM head runs over the whole batch at once (memory grows with batch x length x vocabulary): "
+              f"{why}")
+    return split
+
+
 @torch.no_grad()
-def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, device,
+def _forward(model, split: SplitHead | None, batch, options: BuildOptions, vocab_size: int, pad_id: int, device,
              defer: bool = False) -> RowBatch | _Pending:
     lengths = [len(r.input_ids) for _, r in batch]
     T = max(lengths)
@@ -399,15 +449,27 @@ def _forward(model, batch, options: BuildOptions, vocab_size: int, pad_id: int, 
         mask[b, :n] = torch.from_numpy(row.target_mask)
         attn[b, :n] = 1
     padded = min(lengths) < T  # a mask only where there is padding: without one, attention stays causal-only
-    out = model(input_ids=ids.to(device), attention_mask=attn.to(device) if padded else None,
-                output_hidden_states=bool(options.hidden_layers))
+    attn = attn.to(device) if padded else None
     rb = RowBatch(row_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                   input_ids=np.concatenate([r.input_ids for _, r in batch]),
                   target_mask=np.concatenate([r.target_mask for _, r in batch]))
     rows, cols = torch.nonzero(mask, as_tuple=True)
-    for layer in options.hidden_layers:
-        rb.hidden[layer] = out.hidden_states[layer][rows.to(device), cols.to(device)].float().cpu().numpy()
-    pending = _Pending(out.logits, ids.to(device), mask.to(device), [i for i, _ in batch], rb)
+    row_indices = [i for i, _ in batch]
+    if split is None:
+        out = model(input_ids=ids.to(device), attention_mask=attn, output_hidden_states=bool(options.hidden_layers),
+                    use_cache=False)
+        for layer in options.hidden_layers:
+            rb.hidden[layer] = out.hidden_states[layer][rows.to(device), cols.to(device)].float().cpu().numpy()
+        pending = _Pending(rb, row_indices, logits=out.logits, ids=ids.to(device), mask=mask.to(device))
+    else:
+        final, captured = split.hidden(ids.to(device), attn, rows, cols, tuple(options.hidden_layers))
+        for layer in options.hidden_layers:
+            rb.hidden[layer] = captured[layer].float().cpu().numpy()
+        uniforms = None
+        if options.targets.kind == "sample":
+            uniforms = position_uniforms(options.targets, row_indices, rows, cols, T, final.device)
+        pending = _Pending(rb, row_indices, hidden=final, labels=ids[rows, cols + 1].to(final.device),
+                           uniforms=uniforms, split=split)
     return pending if defer else pending.finish(options, vocab_size)
 
 
@@ -601,10 +663,13 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
     tokens, pass_start = 0, time.time()
     pad = pad_id(tokenizer)
     bar = _progress(options, rank)
-    finished = False
+    finished, split, first = False, None, True
     try:
         for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
-            rb = _forward(model, batch, options, vocab_size, pad, device, defer)
+            if first:
+                first_row = torch.from_numpy(batch[0][1].input_ids.astype(np.int64))[None]
+                split, first = _split_head(options, model, first_row, device), False
+            rb = _forward(model, split, batch, options, vocab_size, pad, device, defer)
             rows_done += len(batch)
             tokens += sum(len(row.input_ids) for _, row in batch)
             thread.put(rows_done, rb)

@@ -172,6 +172,64 @@ def compute_targets(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
     return _concat(parts, spec)
 
 
+@torch.no_grad()
+def position_targets(logits: torch.Tensor, labels: torch.Tensor, spec: TargetSpec, vocab_size: int,
+                     uniforms: torch.Tensor | None = None, backend: str = "auto") -> TargetArrays:
+    """Targets of n positions from their logits alone: what the chunked teacher pass computes per chunk.
+
+    logits: (n, V_out) teacher logits of n target positions, V_out >= vocab_size; labels: (n,) each
+    position's actual next token; uniforms: (n, samples) the draws' uniforms of sampled targets
+    (``position_uniforms``). Equal to ``compute_targets`` on the same positions (tested); backends as there.
+    """
+    check_spec(spec, vocab_size)
+    n, V_out = logits.shape
+    if V_out < vocab_size:
+        raise ValueError(f"the teacher has {V_out} output columns but the tokenizer {vocab_size} tokens")
+    if spec.kind == "sample" and (uniforms is None or uniforms.shape != (n, spec.samples)):
+        raise ValueError(f"sampled targets need uniforms of shape ({n}, {spec.samples})")
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"unknown backend {backend!r}: auto, torch or numba")
+    if backend == "numba" and (logits.device.type != "cpu" or spec.kind == "sample"):
+        raise ValueError("the numba backend computes top-k and nucleus targets of CPU logits")
+    if backend == "numba" or (backend == "auto" and logits.device.type == "cpu" and spec.kind != "sample"):
+        x = logits.detach().to(torch.float32).contiguous().numpy()
+        return _numba_targets(x, np.arange(n, dtype=np.int64), labels.cpu().numpy().astype(np.int64), spec,
+                              vocab_size)
+    if n == 0:
+        return _concat([], spec)
+    x = logits[:, :vocab_size].float()
+    if spec.temperature != 1.0:
+        x = x / spec.temperature
+    keep = torch.ones(n, dtype=torch.bool, device=x.device)
+    return _concat([_chunk_targets(x, labels.to(x.device), keep, spec, uniforms)], spec)
+
+
+def position_uniforms(spec: TargetSpec, row_indices: list[int], rows: torch.Tensor, cols: torch.Tensor, length: int,
+                      device) -> torch.Tensor:
+    """(P, samples) uniforms of sampled targets at positions (rows, cols) of a batch whose rows are ``length``
+    long: the values ``compute_targets`` draws for the same positions (each row's (length, samples) block
+    from its own generator, row_generator)."""
+    out = torch.empty((len(rows), spec.samples), device=device)
+    for b in torch.unique(rows).tolist():
+        at = (rows == b).nonzero(as_tuple=True)[0]
+        u_row = torch.rand((length, spec.samples), generator=row_generator(spec.seed, row_indices[b], device),
+                           device=device)
+        out[at.to(device)] = u_row[cols[at].to(device)]
+    return out
+
+
+def join_targets(parts: list[TargetArrays], spec: TargetSpec) -> TargetArrays:
+    """The targets of consecutive groups of positions as one TargetArrays."""
+    if not parts:
+        return _concat([], spec)
+    sizes = np.concatenate([np.diff(p.target_offsets) for p in parts])
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return TargetArrays(target_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                        target_ids=cat("target_ids"), target_logprobs=cat("target_logprobs"),
+                        target_counts=cat("target_counts") if spec.kind == "sample" else None,
+                        label_logprob=cat("label_logprob"), rest_mass=cat("rest_mass"), entropy=cat("entropy"))
+
+
 def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, spec: TargetSpec,
                    u: torch.Tensor | None) -> dict:
     """Targets of the kept positions of one chunk; x (n, V) float32 logits at the cache temperature."""
@@ -216,6 +274,13 @@ def _targets_numba(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: t
     x = logits.detach().to(torch.float32).contiguous().reshape(B * T, V_out).numpy()
     positions = np.flatnonzero(target_mask.reshape(-1).cpu().numpy())   # b * T + t, in row order
     labels = np.ascontiguousarray(input_ids.reshape(-1).cpu().numpy()[positions + 1], np.int64)
+    return _numba_targets(x, positions.astype(np.int64), labels, spec, vocab_size)
+
+
+def _numba_targets(x: np.ndarray, positions: np.ndarray, labels: np.ndarray, spec: TargetSpec,
+                   vocab_size: int) -> TargetArrays:
+    """Top-k or nucleus targets of rows ``positions`` of the float32 logits ``x`` (rows, V_out), whose next
+    tokens are ``labels``: one numba-parallel call."""
     if len(labels) and (labels.min() < 0 or labels.max() >= vocab_size):
         raise ValueError(f"input_ids: a next token lies outside the tokenizer's {vocab_size} ids")
     max_k = spec.k if spec.kind == "topk" else spec.max_k
@@ -226,7 +291,7 @@ def _targets_numba(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: t
     sizes = np.empty(n, np.int64)
     label_lp, rest, entropy = (np.empty(n, np.float32) for _ in range(3))
     with LAUNCH_LOCK:
-        _top_rows(x, vocab_size, np.float32(1.0 / spec.temperature), positions.astype(np.int64), labels,
+        _top_rows(x, vocab_size, np.float32(1.0 / spec.temperature), positions, labels,
                   float(top_p), min_k, top_ids, top_lp, sizes, label_lp, rest, entropy)
     stored = np.arange(max_k)[None, :] < sizes[:, None]
     return TargetArrays(target_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),

@@ -200,3 +200,50 @@ def test_a_pass_that_fails_resumes_to_the_same_cache(teacher, tmp_path, monkeypa
     build_cache(_options(teacher, tmp_path / "cut", resume=True, **opts))
     whole, cut = Cache.open(tmp_path / "whole").manifest, Cache.open(tmp_path / "cut").manifest
     assert [(s.file, s.sha256) for s in whole.shards] == [(s.file, s.sha256) for s in cut.shards]
+
+
+def test_head_over_chunks_of_positions_gives_the_whole_forwards_cache(teacher, tmp_path, capfd):
+    """--head-chunk 7 (the LM head over many small chunks of target positions, hidden states by hooks) against
+    --head-chunk 0 (the model's whole forward, output_hidden_states): the same targets and hidden states, to
+    the rounding of another matmul kernel (chunks of 7 rows; at the default 1,024 the demo teacher's caches
+    are byte for byte the same, docs/build.md)."""
+    for name, spec in (("topk", TargetSpec(kind="topk", k=8)), ("sample", TargetSpec(kind="sample", samples=16, seed=1))):
+        for chunk in (7, 0):
+            build_cache(_options(teacher, tmp_path / f"{name}{chunk}", batch_size=3, head_chunk=chunk, targets=spec,
+                                 hidden_layers=(0, 1, 2) if name == "topk" else ()))
+        assert "runs over the whole batch" not in capfd.readouterr().err   # the split was taken, silently
+        a, b = (list(Cache.open(tmp_path / f"{name}{c}").iter_batches()) for c in (7, 0))
+        cat = lambda batches, field: np.concatenate([getattr(x, field) for x in batches])  # noqa: E731
+        for field in ("input_ids", "target_offsets") + (("target_ids",) if name == "topk" else ()):
+            np.testing.assert_array_equal(cat(a, field), cat(b, field), err_msg=field)
+        if name == "sample":   # a draw that falls within float32 rounding of a bucket edge may go either way
+            for field in ("target_ids", "target_counts"):
+                assert np.mean(cat(a, field) == cat(b, field)) > 0.99, field
+        lp_a, lp_b = cat(a, "target_logprobs"), cat(b, "target_logprobs")
+        assert np.mean(lp_a == lp_b) > 0.99
+        if name == "topk":
+            assert np.abs(lp_a - lp_b).max() <= 0.02   # a flip of the quantiser's rounding at most
+        for field in ("label_logprob", "rest_mass", "entropy"):
+            np.testing.assert_allclose(cat(a, field), cat(b, field), atol=1e-3, err_msg=field)   # quantised
+        if name == "topk":
+            for layer in (0, 1, 2):
+                np.testing.assert_allclose(np.concatenate([x.hidden[layer] for x in a]),
+                                           np.concatenate([x.hidden[layer] for x in b]), rtol=1e-5, atol=1e-6)
+
+
+def test_split_head_check_catches_a_transform_it_does_not_apply():
+    """SplitHead.check compares body -> head -> transforms with the model's own forward: a Cohere model
+    (logit_scale 0.25) splits cleanly with its transform and is caught without it."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from teachercache.teacher.head import split_head
+
+    torch.manual_seed(0)
+    model = CohereForCausalLM(CohereConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25)).eval()
+    ids = torch.randint(0, 300, (1, 20))
+    split, why = split_head(model)
+    assert why == "" and split.transforms == {"logit_scale": 0.25} and len(split.layers) == 2
+    assert split.check(model, ids) is None
+    split.transforms = {}
+    assert "differ from the model's" in split.check(model, ids)

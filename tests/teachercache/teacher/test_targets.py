@@ -9,7 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from teachercache.format.manifest import TargetSpec
-from teachercache.teacher.targets import compute_targets, row_generator
+from teachercache.teacher.targets import (compute_targets, join_targets, position_targets, position_uniforms,
+                                         row_generator)
 
 V_TOKENIZER = 300
 
@@ -205,3 +206,32 @@ def test_shape_errors():
     mask[0, -1] = True
     with pytest.raises(ValueError, match="last position"):
         compute_targets(logits, ids, mask, TargetSpec(k=4), V_TOKENIZER)
+
+
+@pytest.mark.parametrize("spec,backend", [(TargetSpec(kind="topk", k=12, temperature=1.5), "torch"),
+                                          (TargetSpec(kind="topk", k=12, temperature=1.5), "numba"),
+                                          (TargetSpec(kind="nucleus", top_p=0.8, min_k=2, max_k=40), "numba"),
+                                          (TargetSpec(kind="nucleus", top_p=0.8, min_k=2, max_k=40), "torch"),
+                                          (TargetSpec(kind="sample", samples=24, seed=7), "torch")])
+def test_position_targets_in_chunks_equal_the_batch_targets(spec, backend):
+    """The chunked teacher pass: targets of the target positions' logits alone, a few positions at a time
+    (uniforms of sampled targets from position_uniforms), joined, equal compute_targets on the batch."""
+    logits, ids, mask = _batch("qwen2", 320)   # head wider than the tokenizer's 300 ids
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    want = compute_targets(logits, ids, mask, spec, V_TOKENIZER, row_indices=[5, 9, 11], backend=backend)
+    flat, labels = logits[rows, cols], ids[rows, cols + 1]
+    u = (position_uniforms(spec, [5, 9, 11], rows, cols, ids.shape[1], torch.device("cpu"))
+         if spec.kind == "sample" else None)
+    parts = [position_targets(flat[a:a + 7], labels[a:a + 7], spec, V_TOKENIZER,
+                              None if u is None else u[a:a + 7], backend) for a in range(0, len(rows), 7)]
+    got = join_targets(parts, spec)
+    assert len(got.label_logprob) == int(mask.sum()) > 20
+    for name in ("target_offsets", "target_ids", "target_counts", "target_logprobs", "label_logprob",
+                 "rest_mass", "entropy"):
+        a, b = getattr(got, name), getattr(want, name)
+        if b is None:
+            assert a is None, name
+        elif name in ("target_offsets", "target_ids", "target_counts"):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-6, err_msg=name)
