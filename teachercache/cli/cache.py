@@ -68,6 +68,7 @@ def _bad_records(ctx, param, value):
               default=BuildOptions.shard_bytes / (1 << 20), show_default=True,
               help="Close a shard at this many MB (fractions allowed, e.g. 0.05; at most 1048576).")
 @field_option(BuildOptions, "zstd_level", "--zstd-level", type=click.IntRange(1, 22))
+@field_option(BuildOptions, "head_chunk", "--head-chunk", type=click.IntRange(min=0))
 @field_option(BuildOptions, "resume", "--resume")
 @overwrite_option(BuildOptions)
 @runtime_options(BuildOptions, "teacher")
@@ -201,18 +202,26 @@ def diff_command(cache_a, cache_b, as_json, worst):
 @field_option(ExportOptions, "format", "--format", type=click.Choice(FORMATS))
 @click.option("--out", required=True, type=click.Path(), help="Output file (axolotl) or directory (hf).")
 @field_option(ExportOptions, "renormalize", "--renormalize/--no-renormalize")
+@field_option(ExportOptions, "temperature", "--temperature", type=FiniteFloatRange(*TEMPERATURES))
 @overwrite_option(ExportOptions)
 def export_command(cache, out, **options):
-    """Write CACHE as a dataset other trainers read (Axolotl's KD plugin, Hugging Face datasets).
+    """Write CACHE as a dataset other trainers read (Axolotl's KD plugin, Hugging Face datasets). An axolotl
+    export prints (on stderr) the kd_temperature to set in Axolotl, and whether kd_normalize_topk must be false.
 
     \b
     Example:
       teachercache export /tmp/demo-cache --format axolotl --out /tmp/demo-kd.parquet
     """
-    from teachercache.interop.export import export_cache
+    import warnings
 
-    rows = export_cache(cache, out, ExportOptions(**options))
+    from teachercache.interop.export import ExportWarning, export_cache, export_notes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)  # printed below, as the file itself records it
+        rows = export_cache(cache, out, ExportOptions(**options))
     click.echo(f"{out}: {rows:,} rows")
+    for note in export_notes(out):
+        click.echo(f"{out}: {note}", err=True)
 
 
 @click.command("import-vllm")
@@ -224,17 +233,25 @@ def export_command(cache, out, **options):
 @field_option(VllmImportOptions, "teacher", "--teacher")
 @overwrite_option(VllmImportOptions)
 def import_vllm_command(file, tokenizer, out, **options):
-    """Build a cache from vLLM prompt_logprobs (JSONL, one record per prompt with prompt_token_ids and
-    prompt_logprobs).
+    """Build a cache from vLLM prompt_logprobs. FILE is JSON Lines, one JSON array of records, or one JSON
+    object; each record is a vLLM completions response (choices[i].prompt_logprobs), chat completions
+    response (top-level prompt_logprobs), LLM.generate RequestOutput written as a dict, or
+    {"prompt_token_ids": [...], "prompt_logprobs": [...]}. Request prompt_logprobs=k and return_token_ids:
+    true (without token ids the record's "prompt" text, or a chat response's "prompt_text", is tokenized
+    with --tokenizer and must match).
+    Choices of one response with the same prompt are stored once. docs/interop.md shows each shape.
 
     \b
     Example:
-      teachercache import-vllm logprobs.jsonl --tokenizer Qwen2.5-7B/ --out /tmp/vllm-cache --k 20
+      teachercache import-vllm responses.jsonl --tokenizer Qwen2.5-7B/ --out /tmp/vllm-cache --k 20
     """
-    from teachercache.interop.vllm import import_vllm
+    from teachercache.interop.vllm import REPEATS_KEY, import_vllm
 
     manifest = import_vllm(file, tokenizer, out, VllmImportOptions(**options))
     click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.target_positions:,} target positions")
+    if manifest.extra[REPEATS_KEY]:
+        click.echo(f"{out}: {manifest.extra[REPEATS_KEY]:,} choices repeated an earlier choice's prompt "
+                   "(n > 1) and were stored once")
 
 
 @click.command("import-api")
@@ -242,20 +259,29 @@ def import_vllm_command(file, tokenizer, out, **options):
 @click.option("--tokenizer", required=True, type=click.Path(file_okay=False),
               help="Directory of the tokenizer that matches the API's tokens (needs a chat_template).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to write.")
+@click.option("--requests", type=click.Path(dir_okay=False), default=None,
+              help="The OpenAI Batch input file (custom_id, method, url, body) when FILE is that batch's output "
+                   "file: each answer gets the messages of the request with its custom_id.")
 @field_option(ApiImportOptions, "max_unmapped", "--max-unmapped", type=FiniteFloatRange(0, 1))
+@field_option(ApiImportOptions, "strict", "--strict")
 @field_option(ApiImportOptions, "teacher", "--teacher")
 @overwrite_option(ApiImportOptions)
-def import_api_command(file, tokenizer, out, **options):
-    """Build a cache from OpenAI-compatible chat completions with logprobs (JSONL: the request's messages and
-    the response with choices[0].logprobs.content[].top_logprobs): top-k targets on the answer tokens.
+def import_api_command(file, tokenizer, out, requests, **options):
+    """Build a cache from OpenAI-compatible chat completions with logprobs: top-k targets on the answer tokens.
+    FILE is JSON Lines, one request a line: {"messages": [...], "response": <chat.completion>} (requested with
+    logprobs: true, top_logprobs: 20), or an OpenAI Batch output file with its input file as --requests.
+    Failed requests, refusals, tool calls, empty or content-filtered answers are skipped and counted (--strict
+    refuses them). docs/blackbox.md shows each shape.
 
     \b
     Example:
       teachercache import-api answers.jsonl --tokenizer Qwen2.5-7B-Instruct/ --out /tmp/api-cache
+      teachercache import-api batch_output.jsonl --requests batch_input.jsonl \\
+          --tokenizer Qwen2.5-7B-Instruct/ --out /tmp/api-cache --strict
     """
     from teachercache.interop.openai_chat import import_api
 
-    _, report = import_api(file, tokenizer, out, ApiImportOptions(**options))
+    _, report = import_api(file, tokenizer, out, ApiImportOptions(**options), requests=requests)
     for line in report.lines():
         click.echo(f"{out}: {line}" if not line.startswith(" ") else line)
 

@@ -1,7 +1,8 @@
 """What the log-prob importers share: reading JSON Lines, and turning imported top-k lists into row batches.
 
 An importer (``vllm``, ``openai_chat``) loads its ``--tokenizer`` with ``read_tokenizer`` (never running
-code the tokenizer files name), reads one record per line with ``jsonl_records``, maps each record
+code the tokenizer files name), reads one record per line with ``jsonl_records`` (or, with ``json_records``,
+also a file that is one JSON array of records or one multi-line JSON object), maps each record
 to an ``ImportedRow`` (its tokens, which positions carry a target, and per target position the stored ids,
 their log-probs and the actual next token's log-prob), and writes them with ``imported_batch``. Sources
 give no entropy and no rest mass, so both are estimated here from the stored list alone: rest = 1 - sum
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,61 @@ def jsonl_records(path: Path, error: type[Exception]) -> Iterator[tuple[str, obj
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e})") from None
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def json_records(path: Path, error: type[Exception]) -> Iterator[tuple[str, object]]:
+    """(where, parsed JSON) of every record of ``path``, which is one of:
+
+    - JSON Lines, one value a line (read line by line; ``where`` is "file:line");
+    - one JSON array whose elements are the records (read whole; ``where`` is "file:line [i]", the line
+      element i starts on and its index: ``json.dump`` writes a whole array on one line);
+    - one JSON value over several lines, e.g. a pretty-printed response (one record; ``where`` is "file:1").
+
+    A file whose first line is not JSON on its own is read as one value; ``error`` names what is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        first_line = (head + f.readline()).split("\n", 1)[0] if head else ""
+    if head.startswith("["):
+        yield from _array_records(path, error)
+        return
+    try:
+        json.loads(first_line) if first_line else None
+    except json.JSONDecodeError:
+        if head.startswith("{"):
+            try:
+                yield f"{path}:1", json.loads(Path(path).read_text(encoding="utf-8"))
+                return
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); give JSON Lines, "
+                            "one JSON array of records or one JSON object") from None
+    yield from jsonl_records(path, error)
+
+
+def _array_records(path: Path, error: type[Exception]) -> Iterator[tuple[str, object]]:
+    """The elements of a file holding one JSON array, each with "file:line [i]"."""
+    text = Path(path).read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    index, line, counted_to = 0, 1, 0
+    while not (index == 0 and text.startswith("]", pos)):
+        line, counted_to = line + text.count("\n", counted_to, pos), pos
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{e.lineno}: element [{index}] is not valid JSON ({e.msg}, "
+                        f"column {e.colno})") from None
+        yield f"{path}:{line} [{index}]", value
+        pos = _JSON_SPACE.match(text, end).end()
+        if not text.startswith(",", pos):
+            break
+        pos, index = _JSON_SPACE.match(text, pos + 1).end(), index + 1
+    if not text.startswith("]", pos) or text[pos + 1:].strip():
+        line = text.count("\n", 0, pos) + 1
+        raise error(f"{path}:{line}: the JSON array is not closed after element [{index}] (expected , or ] "
+                    "and nothing after it)")
 
 
 def read_tokenizer(tokenizer_dir: str | os.PathLike, error: type[Exception]):

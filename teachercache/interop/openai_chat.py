@@ -1,14 +1,43 @@
 """`teachercache import-api`: a cache from an OpenAI-compatible API's answer log-probs (top 20 at most).
 
-Input: JSON Lines of a request's messages and the chat completion with ``logprobs.content`` (also the
-OpenAI Batch shapes). ``TokenMap`` maps the API's tokens to the tokenizer's ids (byte-level BPE through
-GPT-2's byte table, else the vocabulary), counting what does not map; above ``max_unmapped`` the import
-is refused. The row is the messages in the tokenizer's chat template, then the answer's tokens; targets
-on the answer tokens only. docs/blackbox.md (``teachercache import-api``) has the exact rules and sources.
+Input: JSON Lines, one request a line, in one of two layouts (docs/blackbox.md, ``teachercache import-api``,
+has an example line of each):
+
+* inline: ``{"messages": [...], "response": <chat.completion>}``; the messages may also sit at
+  ``request.messages`` or ``request.body.messages``, the completion at ``response.body``;
+* an OpenAI Batch **output** file with its Batch **input** file (``requests``, ``--requests``): the input
+  lines hold the messages, the output lines the answers, joined on ``custom_id`` (not on line order).
+
+The shapes are those of OpenAI's API reference, as its OpenAPI spec (github.com/openai/openai-openapi,
+``openapi.yaml``) defines them:
+
+* "The chat completion object" (``CreateChatCompletionResponse``; platform.openai.com/docs/api-reference/
+  chat/object): ``choices[0].message`` has ``content``, ``refusal`` and ``tool_calls``, each may be null;
+  ``choices[0].logprobs`` is null unless the request set ``logprobs: true``, else ``{"content": [...] | null,
+  "refusal": [...] | null}``, lists of ``ChatCompletionTokenLogprob`` (``token``, ``logprob``, ``bytes``,
+  ``top_logprobs``); ``finish_reason`` is stop, length, tool_calls, content_filter or function_call.
+* "The request input object" (``BatchRequestInput``; .../api-reference/batch/request-input): ``custom_id``
+  (unique within a batch), ``method`` POST, ``url`` /v1/chat/completions, ``body`` (the request: ``model``,
+  ``messages``, ``logprobs``, ``top_logprobs``).
+* "The request output object" (``BatchRequestOutput``; .../api-reference/batch/request-output), the line of
+  a Batch's output file and of its error file: ``id``, ``custom_id``, ``response`` (null, or ``status_code``,
+  ``request_id`` and ``body``: the chat completion, or ``{"error": {message, type, param, code}}`` when the
+  status is not 2xx) and ``error`` (null, or ``{code, message}`` for a request that failed without a response).
+
+A line that cannot become a row is skipped and counted by reason (``SKIP_REASONS``, reported by
+``ApiImportReport.summary``): a failed Batch request, a refusal, a tool call, a content-filtered or empty
+answer, an output ``custom_id`` with no request, a chosen answer token that does not map. With
+``ApiImportOptions.strict`` any of them (and any request without an output line) is an error instead. A
+line of the wrong shape (not JSON, no messages, no ``logprobs`` requested) is always an error.
+
+``TokenMap`` maps the API's tokens to the tokenizer's ids (byte-level BPE through GPT-2's byte table, else
+the vocabulary), counting what does not map; above ``max_unmapped`` the import is refused. The row is the
+messages in the tokenizer's chat template, then the answer's tokens; targets on the answer tokens only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -27,6 +56,22 @@ from teachercache.format.shards import file_sha256
 from teachercache.interop.logprobs import (ENTROPY_NOTE, ImportedRow, check_output, imported_batch, jsonl_records,
                                            prepare_output, read_tokenizer)
 
+FAILED, REFUSAL, TOOL_CALL = "failed request", "refusal", "tool call"
+CONTENT_FILTER, EMPTY, UNKNOWN_ID, UNMAPPED = "content filter", "empty answer", "unknown custom_id", "unmapped token"
+SKIP_REASONS = {   # why a line is skipped -> what the user can do about it (the --strict error says it)
+    FAILED: "the request failed, so there is no answer: rerun it (a Batch lists its failed requests in its "
+            "error file) and import the new output, or drop the line",
+    REFUSAL: "the model refused, so there are no answer tokens (logprobs.content is null): drop the line",
+    TOOL_CALL: "the answer is a tool call, whose arguments get no log-probs: request without tools (or "
+               "tool_choice: none), or drop the line",
+    CONTENT_FILTER: "the content filter omitted (part of) the answer: drop the line",
+    EMPTY: "the answer has no tokens: drop the line",
+    UNKNOWN_ID: "give as --requests the Batch input file this output file came from",
+    UNMAPPED: "the API's tokenizer is not --tokenizer's: give the matching --tokenizer",
+}
+ID_EXAMPLES = 5
+"""custom_ids named in the summary (of output lines without a request, of requests without an output line)."""
+
 
 class ImportApiError(TeachercacheError):
     """An API log-probs file that cannot become a cache (shape, tokenizer mismatch)."""
@@ -36,6 +81,10 @@ class ImportApiError(TeachercacheError):
 class ApiImportOptions:
     max_unmapped: float = 0.01
     """Refuse when more than this share of token occurrences (chosen + alternatives) do not map to ids."""
+    strict: bool = False
+    """Refuse the import when a line cannot become a row (failed request, refusal, tool call, empty or
+    content-filtered answer, unknown custom_id, unmappable answer token) or a request has no output line,
+    naming the first one; without it they are skipped and counted."""
     teacher: str = "api"
     """Name of the model that answered (recorded in the manifest)."""
     rows_per_batch: int = 64
@@ -44,18 +93,75 @@ class ApiImportOptions:
     """Replace whatever ``out`` holds."""
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A line whose answer can become a row (unless one of its chosen tokens does not map)."""
+
+    where: str
+    """The line, as "file:line"."""
+    messages: list
+    """The request's messages."""
+    content: list
+    """choices[0].logprobs.content: one ChatCompletionTokenLogprob per answer token."""
+    content_at: str
+    """Where ``content`` sits in the line, for error messages: "response.body.choices[0].logprobs.content"."""
+    custom_id: str | None
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """A line that cannot become a row: ``reason`` is a key of SKIP_REASONS, ``problem`` names the field."""
+
+    where: str
+    reason: str
+    problem: str
+    custom_id: str | None
+
+
 @dataclass
 class ApiImportReport:
     records: int = 0
+    """Non-blank lines read: rows + skipped_records."""
     rows: int = 0
     tokens: int = 0
     """Token occurrences seen: chosen tokens plus their top alternatives."""
     unmapped: int = 0
     unmapped_tokens: Counter = field(default_factory=Counter)
     """token string -> occurrences that did not map."""
-    skipped_records: int = 0
-    """Records whose chosen answer tokens did not all map."""
+    skipped: Counter = field(default_factory=Counter)
+    """reason (a key of SKIP_REASONS) -> lines skipped for it."""
+    first_skipped: dict[str, str] = field(default_factory=dict)
+    """reason -> "file:line" of the first line skipped for it."""
+    unknown_ids: list[str] = field(default_factory=list)
+    """custom_ids of output lines with no request in --requests (the first ID_EXAMPLES)."""
+    unanswered: int = 0
+    """Requests of --requests with no line in the output file."""
+    unanswered_ids: list[str] = field(default_factory=list)
+    """Their custom_ids (the first ID_EXAMPLES)."""
     mapping: str = ""
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(self.skipped.values())
+
+    def skip(self, item: _Skip) -> None:
+        self.skipped[item.reason] += 1
+        self.first_skipped.setdefault(item.reason, item.where)
+        if item.reason == UNKNOWN_ID and len(self.unknown_ids) < ID_EXAMPLES:
+            self.unknown_ids.append(item.custom_id)
+
+    def summary(self) -> str:
+        """One line: lines skipped per reason (with the first line of each), requests without an answer."""
+        parts = []
+        for reason in SKIP_REASONS:
+            if n := self.skipped[reason]:
+                ids = f"; ids {_names(self.unknown_ids, n)}" if reason == UNKNOWN_ID else ""
+                parts.append(f"{reason} x{n} (first at {self.first_skipped[reason]}{ids})")
+        out = f"skipped {self.skipped_records} of {self.records} records" + (": " + ", ".join(parts) if parts else "")
+        if self.unanswered:
+            out += (f"; requests of --requests with no output line: {self.unanswered} "
+                    f"({_names(self.unanswered_ids, self.unanswered)})")
+        return out
 
     def lines(self) -> list[str]:
         share = self.unmapped / max(self.tokens, 1)
@@ -63,12 +169,17 @@ class ApiImportReport:
                f"{self.tokens} token occurrences did not map ({share:.2%})"]
         if self.unmapped:
             out.append(f"  unmapped, most frequent: {self.examples()}")
-        if self.skipped_records:
-            out.append(f"  {self.skipped_records} records skipped (a chosen answer token did not map)")
+        out.append(f"  {self.summary()}")
         return out
 
     def examples(self, n: int = 10) -> str:
         return ", ".join(f"{t!r} x{c}" for t, c in self.unmapped_tokens.most_common(n))
+
+
+def _names(ids: list[str], total: int) -> str:
+    """'a', 'b' and 3 more."""
+    more = f" and {total - len(ids)} more" if total > len(ids) else ""
+    return ", ".join(repr(i) for i in ids) + more
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -110,46 +221,151 @@ class TokenMap:
         return None
 
 
-def _records(path: Path) -> Iterator[tuple[str, list, list]]:
-    """("file:line", request messages, logprobs.content) of every non-empty line, checked for shape."""
+def _read_requests(path: Path) -> dict[str, tuple[str, list]]:
+    """custom_id -> ("file:line", messages) of an OpenAI Batch input file (see the module docstring)."""
+    if not path.is_file():
+        raise ImportApiError(f"--requests {path}: no such file (give the Batch input file, the JSONL uploaded "
+                             "to create the batch)")
+    requests: dict[str, tuple[str, list]] = {}
+    for where, rec in jsonl_records(path, ImportApiError):
+        cid = rec.get("custom_id") if isinstance(rec, dict) else None
+        if not isinstance(cid, str) or not cid:
+            raise ImportApiError(f'{where}: field custom_id missing; a Batch input line is {{"custom_id": "...", '
+                                 '"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...]}}')
+        url = rec.get("url")
+        if url is not None and not str(url).endswith("/chat/completions"):
+            raise ImportApiError(f"{where}: field url is {url!r}; import-api reads chat completions: give the "
+                                 "input file of a /v1/chat/completions batch")
+        body = rec.get("body")
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ImportApiError(f"{where}: field body.messages (the request's messages) missing or empty")
+        if cid in requests:
+            raise ImportApiError(f"{where}: custom_id {cid!r} is already used at {requests[cid][0]}; custom_ids "
+                                 "are unique in a Batch input file, so the answer's request is ambiguous: remove "
+                                 "or rename the duplicate")
+        requests[cid] = (where, messages)
+    if not requests:
+        raise ImportApiError(f"--requests {path}: no requests")
+    return requests
+
+
+def _items(path: Path, requests: dict[str, tuple[str, list]] | None) -> Iterator[_Answer | _Skip]:
+    """Every non-blank line of ``path`` as an _Answer or a _Skip; a line of the wrong shape is an error.
+    With ``requests`` (custom_id -> (where, messages)) every line is a Batch output line, joined on custom_id."""
+    answered: dict[str, str] = {}   # custom_id -> "file:line" of its output line
     for where, rec in jsonl_records(path, ImportApiError):
         if not isinstance(rec, dict):
             raise ImportApiError(f"{where}: expected a JSON object with messages and response")
-        request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
-        messages = rec.get("messages") or request.get("messages") or (request.get("body") or {}).get("messages")
+        cid = rec.get("custom_id") if isinstance(rec.get("custom_id"), str) else None
+        if requests is not None:
+            if cid is None:
+                raise ImportApiError(f"{where}: field custom_id missing; with --requests every line must be a "
+                                     'Batch output line: {"id": ..., "custom_id": ..., "response": ..., "error": ...}')
+            if cid in answered:
+                raise ImportApiError(f"{where}: custom_id {cid!r} is already answered at {answered[cid]}; a Batch "
+                                     "output file has one line per request: remove the duplicate")
+            answered[cid] = where
+        if (failure := _batch_failure(rec)) is not None:
+            yield _Skip(where, FAILED, failure, cid)
+            continue
+        if requests is None:
+            messages = _inline_messages(rec, where)
+        elif cid in requests:
+            messages = requests[cid][1]
+        else:
+            yield _Skip(where, UNKNOWN_ID, f"field custom_id {cid!r} names no request of --requests", cid)
+            continue
         response = rec.get("response")
         if isinstance(response, dict) and isinstance(response.get("body"), dict):
-            response = response["body"]
-        if not isinstance(messages, list) or not messages:
-            raise ImportApiError(f"{where}: field messages (the request's messages) missing or empty")
-        try:
-            content = response["choices"][0]["logprobs"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ImportApiError(f"{where}: field response.choices[0].logprobs.content missing (request "
-                                 "logprobs: true, top_logprobs: 20)") from None
-        if not isinstance(content, list) or not content:
-            raise ImportApiError(f"{where}: response.choices[0].logprobs.content is empty")
-        for i, entry in enumerate(content):
-            ok = (isinstance(entry, dict) and isinstance(entry.get("token"), str)
-                  and isinstance(entry.get("logprob"), (int, float)) and isinstance(entry.get("top_logprobs"), list)
-                  and all(isinstance(t, dict) and isinstance(t.get("token"), str)
-                          and isinstance(t.get("logprob"), (int, float)) for t in entry["top_logprobs"]))
-            if not ok:
-                raise ImportApiError(f"{where}: logprobs.content[{i}] needs token, logprob and top_logprobs "
-                                     "(each with token and logprob)")
-        yield where, messages, content
+            yield _answer(where, messages, response["body"], "response.body", cid)
+        else:
+            yield _answer(where, messages, response, "response", cid)
+
+
+def _batch_failure(rec: dict) -> str | None:
+    """What went wrong, for a line of a failed request ("The request output object"); None otherwise."""
+    error, response = rec.get("error"), rec.get("response")
+    if error is not None:
+        return f"field error is set ({_error_text(error)})"
+    if isinstance(response, dict) and "status_code" in response:
+        code = response["status_code"]
+        if not (isinstance(code, int) and 200 <= code < 300):
+            body = response.get("body")
+            detail = body.get("error") if isinstance(body, dict) else None
+            return f"field response.status_code is {code} ({_error_text(detail) if detail else 'no error body'})"
+    if "custom_id" in rec and "response" in rec and response is None:
+        return "fields response and error are both null"
+    return None
+
+
+def _error_text(error) -> str:
+    """``code: message`` of an API error object ({code, message} or {message, type, param, code})."""
+    if isinstance(error, dict):
+        text = f"{error.get('code') or error.get('type') or 'error'}: {error.get('message', '')}"
+    else:
+        text = str(error)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _inline_messages(rec: dict, where: str) -> list:
+    """The request's messages of an inline line: messages, request.messages or request.body.messages."""
+    request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
+    body = request.get("body") if isinstance(request.get("body"), dict) else {}
+    messages = rec.get("messages") or request.get("messages") or body.get("messages")
+    if isinstance(messages, list) and messages:
+        return messages
+    if "custom_id" in rec and "response" in rec:
+        raise ImportApiError(f"{where}: field messages missing: this is a Batch output line (custom_id "
+                             f"{rec['custom_id']!r}), which holds only the answer; give the batch's input file "
+                             "too: --requests batch_input.jsonl")
+    raise ImportApiError(f"{where}: field messages (the request's messages) missing or empty")
+
+
+def _answer(where: str, messages: list, completion, prefix: str, cid: str | None) -> _Answer | _Skip:
+    """The answer of a chat completion (at ``prefix`` in the line), or why it is skipped."""
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ImportApiError(f"{where}: field {prefix}.choices[0].logprobs.content missing ({prefix} must be a "
+                             "chat.completion, requested with logprobs: true, top_logprobs: 20)")
+    choice, at = choices[0], f"{prefix}.choices[0]"
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    if message.get("refusal"):
+        return _Skip(where, REFUSAL, f"field {at}.message.refusal is set ({_error_text(message['refusal'])})", cid)
+    for name in ("tool_calls", "function_call"):
+        if message.get(name):
+            return _Skip(where, TOOL_CALL, f"field {at}.message.{name} is set", cid)
+    if choice.get("finish_reason") == "content_filter":
+        return _Skip(where, CONTENT_FILTER, f"field {at}.finish_reason is 'content_filter'", cid)
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or "content" not in logprobs:
+        raise ImportApiError(f"{where}: field {at}.logprobs.content missing (request logprobs: true, "
+                             "top_logprobs: 20)")
+    content = logprobs["content"]
+    if content is None or content == []:
+        return _Skip(where, EMPTY, f"field {at}.logprobs.content is {json.dumps(content)}", cid)
+    if not isinstance(content, list):
+        raise ImportApiError(f"{where}: field {at}.logprobs.content is not a list of token log-probs")
+    for i, entry in enumerate(content):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("token"), str)
+              and isinstance(entry.get("logprob"), (int, float)) and isinstance(entry.get("top_logprobs"), list)
+              and all(isinstance(t, dict) and isinstance(t.get("token"), str)
+                      and isinstance(t.get("logprob"), (int, float)) for t in entry["top_logprobs"]))
+        if not ok:
+            raise ImportApiError(f"{where}: field {at}.logprobs.content[{i}] needs token, logprob and top_logprobs "
+                                 "(each with token and logprob)")
+    return _Answer(where, messages, content, f"{at}.logprobs.content", cid)
 
 
 def _map_record(content: list, tmap: TokenMap, report: ApiImportReport):
-    """(chosen ids or None if one did not map, [(ids, logprobs)] per position, labels), counting tokens."""
-    chosen, targets, labels, ok = [], [], [], True
+    """(chosen ids, None where one did not map; [(ids, logprobs)] per position; labels), counting tokens."""
+    chosen, targets, labels = [], [], []
     for entry in content:
         tid = tmap(entry["token"], entry.get("bytes"))
         report.tokens += 1
         if tid is None:
             report.unmapped += 1
             report.unmapped_tokens[entry["token"]] += 1
-            ok = False
         chosen.append(tid)
         labels.append(float(entry["logprob"]))
         seen, pairs = set(), []
@@ -164,7 +380,7 @@ def _map_record(content: list, tmap: TokenMap, report: ApiImportReport):
                 pairs.append((aid, float(alt["logprob"])))
         pairs.sort(key=lambda p: (-p[1], p[0]))
         targets.append((np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.float64)))
-    return (chosen if ok else None), targets, labels
+    return chosen, targets, labels
 
 
 def _prompt_ids(tok, messages: list, where: str) -> list[int]:
@@ -184,12 +400,62 @@ def _row(prompt: list[int], answer: list[int], targets: list, labels: list[float
                        logprobs=[t[1] for t in targets], labels=labels)
 
 
+def _survey(path: Path, requests: dict | None, tmap: TokenMap, report: ApiImportReport) -> tuple[int, _Skip | None]:
+    """Pass 1: count lines, skips and token mapping into ``report``; (most top_logprobs of a position, first
+    skipped line)."""
+    k, first, seen = 0, None, set()
+    for item in _items(path, requests):
+        report.records += 1
+        seen.add(item.custom_id)
+        if isinstance(item, _Answer):
+            chosen, _, _ = _map_record(item.content, tmap, report)
+            k = max(k, max(len(e["top_logprobs"]) for e in item.content))
+            if None in chosen:
+                i = chosen.index(None)
+                token = item.content[i]["token"]
+                item = _Skip(item.where, UNMAPPED, f"field {item.content_at}[{i}].token {token!r} is not in the "
+                             f"vocabulary of --tokenizer ({tmap.mapping})", item.custom_id)
+        if isinstance(item, _Skip):
+            report.skip(item)
+            first = first or item
+    if requests is not None:
+        missing = [cid for cid in requests if cid not in seen]
+        report.unanswered, report.unanswered_ids = len(missing), missing[:ID_EXAMPLES]
+    return k, first
+
+
+def _strict_refusal(first: _Skip | None, report: ApiImportReport, path: Path, requests_path) -> ImportApiError | None:
+    """The error --strict raises for the first skipped line (or for requests without an answer), else None."""
+    if first is not None:
+        counts = ", ".join(f"{reason} x{n}" for reason, n in report.skipped.items())
+        return ImportApiError(f"{first.where}: {first.problem}; {SKIP_REASONS[first.reason]}. --strict refuses "
+                              f"every line that cannot become a row (here {report.skipped_records} of "
+                              f"{report.records}: {counts}); without --strict they are skipped and counted")
+    if report.unanswered:
+        return ImportApiError(f"--requests {requests_path}: requests with no line in {path}: {report.unanswered} "
+                              f"({_names(report.unanswered_ids, report.unanswered)}); a Batch's failed requests are "
+                              "in its error file: append its lines to the output file, or rerun those requests; "
+                              "without --strict they are counted and left out")
+    return None
+
+
+def _fingerprint(path: Path, requests_path: Path | None) -> str:
+    if requests_path is None:
+        return file_sha256(path)
+    return hashlib.sha256(f"{file_sha256(path)} {file_sha256(requests_path)}".encode()).hexdigest()
+
+
 def import_api(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
-               options: ApiImportOptions = ApiImportOptions()):
-    """Write the cache ``out`` from the API log-probs JSONL ``path``; returns (Manifest, ApiImportReport)."""
+               options: ApiImportOptions = ApiImportOptions(), requests: str | os.PathLike | None = None):
+    """Write the cache ``out`` from the API log-probs JSONL ``path``; returns (Manifest, ApiImportReport).
+
+    ``requests``: the OpenAI Batch input file when ``path`` is that batch's output file; each answer gets the
+    messages of the request with its ``custom_id``. Rows follow the order of ``path``."""
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise ImportApiError(f"{path}: no such file (give the JSONL of API requests and responses)")
+    requests_path = Path(requests) if requests is not None else None
+    table = _read_requests(requests_path) if requests_path is not None else None
     check_output(out, options.overwrite, ImportApiError)
     tok = read_tokenizer(tokenizer_dir, ImportApiError)
     if not getattr(tok, "chat_template", None):
@@ -197,50 +463,58 @@ def import_api(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: s
                              "messages; save a copy with tokenizer.chat_template set (docs/blackbox.md)")
     tmap, V = TokenMap(tok), len(tok)
     report = ApiImportReport(mapping=tmap.mapping)
-    k = 0
-    for _, _, content in _records(path):   # pass 1: count what maps
-        report.records += 1
-        _map_record(content, tmap, report)
-        k = max(k, max(len(e["top_logprobs"]) for e in content))
+    k, first_skip = _survey(path, table, tmap, report)   # pass 1: count what maps and what is skipped
     if report.records == 0:
         raise ImportApiError(f"{path}: no records")
-    if k == 0:
-        raise ImportApiError(f"{path}: no top_logprobs anywhere (request top_logprobs: 20)")
     if report.unmapped > options.max_unmapped * report.tokens:
         raise ImportApiError(f"{path}: {report.unmapped} of {report.tokens} token occurrences "
                              f"({report.unmapped / report.tokens:.2%}) are not in the vocabulary of {tokenizer_dir} "
                              f"({tmap.mapping}), more than --max-unmapped {options.max_unmapped:.2%}; e.g. "
                              f"{report.examples(5)}. The API's tokenizer is not this one: give the matching "
                              "--tokenizer (or raise --max-unmapped)")
+    if options.strict and (error := _strict_refusal(first_skip, report, path, requests_path)):
+        raise error
+    if report.skipped_records == report.records:
+        raise ImportApiError(f"{path}: no record can be imported ({report.summary()})")
+    if k == 0:
+        raise ImportApiError(f"{path}: no top_logprobs anywhere (request top_logprobs: 20)")
     prepare_output(out, options.overwrite, ImportApiError)
     tok.save_pretrained(out / TOKENIZER_DIR)
-    counting = ApiImportReport()   # pass 2 recounts into a throwaway report
-    rows, longest = [], 0
     with CacheWriter(out, S.Layout(vocab_size=V)) as writer:
-        for where, messages, content in _records(path):
-            chosen, targets, labels = _map_record(content, tmap, counting)
-            if chosen is None:
-                report.skipped_records += 1
-                continue
-            prompt = _prompt_ids(tok, messages, where)
-            rows.append(_row(prompt, chosen, targets, labels))
-            longest = max(longest, len(prompt) + len(chosen))
-            report.rows += 1
-            if len(rows) == options.rows_per_batch:
-                writer.write(imported_batch(rows, V))
-                rows = []
-        if rows:
-            writer.write(imported_batch(rows, V))
-        if report.rows == 0:
-            raise ImportApiError(f"{path}: no record could be imported ({report.skipped_records} skipped)")
+        longest = _write_rows(writer, path, table, tok, tmap, options.rows_per_batch, report)
+        extra = {"requests_without_output": report.unanswered} if table is not None else {}
         manifest = writer.finish(
             targets=TargetSpec(kind="topk", k=k, temperature=1.0),
             teacher=TeacherInfo(name_or_path=options.teacher, config_sha256="", dtype="unknown", output_size=V),
             tokenizer=TokenizerInfo(fingerprint=tokenizer_fingerprint(tok), vocab_size=V),
-            data=DataInfo(sources=[str(path)], fingerprint=file_sha256(path), seq_len=longest, packing="document",
+            data=DataInfo(sources=[str(p) for p in (path, requests_path) if p is not None],
+                          fingerprint=_fingerprint(path, requests_path), seq_len=longest, packing="document",
                           documents_read=report.records, documents_used=report.rows,
-                          documents_skipped={"unmapped token": report.skipped_records} if report.skipped_records else {}),
+                          documents_skipped=dict(report.skipped)),
             extra={"imported_from": "openai chat completions logprobs", "entropy": ENTROPY_NOTE,
                    "token_mapping": tmap.mapping, "unmapped_tokens": report.unmapped,
-                   "token_occurrences": report.tokens, "unmapped_examples": report.examples()})
+                   "token_occurrences": report.tokens, "unmapped_examples": report.examples(), **extra})
     return manifest, report
+
+
+def _write_rows(writer: CacheWriter, path: Path, requests: dict | None, tok, tmap: TokenMap, rows_per_batch: int,
+                report: ApiImportReport) -> int:
+    """Pass 2: write a row per usable answer (skips were counted in pass 1); returns the longest row's length."""
+    counting = ApiImportReport()   # pass 2 recounts tokens into a throwaway report
+    rows, longest, V = [], 0, len(tok)
+    for item in _items(path, requests):
+        if isinstance(item, _Skip):
+            continue
+        chosen, targets, labels = _map_record(item.content, tmap, counting)
+        if None in chosen:
+            continue
+        prompt = _prompt_ids(tok, item.messages, item.where)
+        rows.append(_row(prompt, chosen, targets, labels))
+        longest = max(longest, len(prompt) + len(chosen))
+        report.rows += 1
+        if len(rows) == rows_per_batch:
+            writer.write(imported_batch(rows, V))
+            rows = []
+    if rows:
+        writer.write(imported_batch(rows, V))
+    return longest

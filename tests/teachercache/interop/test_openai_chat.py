@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from teachercache.cli import main
 from teachercache.format.cache import Cache
 from teachercache.inspect.verify import verify_cache
-from teachercache.interop.openai_chat import ApiImportOptions, ImportApiError, TokenMap, import_api
+from teachercache.interop.openai_chat import SKIP_REASONS, ApiImportOptions, ImportApiError, TokenMap, import_api
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 GOOD = FIXTURES / "openai_chat_logprobs.jsonl"
@@ -121,3 +121,231 @@ def test_cli_import_api(chat_teacher, tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "response": {"choices": [{}]}}) + "\n")
     with pytest.raises(ImportApiError, match=r"bad.jsonl:1: field response.choices\[0\].logprobs.content missing"):
         import_api(bad, chat_teacher, tmp_path / "c")
+
+
+# --- Lines that cannot become a row, and OpenAI Batch files -------------------------------------------------
+# Shapes from OpenAI's API reference (its OpenAPI spec, github.com/openai/openai-openapi openapi.yaml): "The chat
+# completion object" (CreateChatCompletionResponse), "The request input object" (BatchRequestInput, a line of a
+# Batch input file) and "The request output object" (BatchRequestOutput, a line of a Batch output or error file).
+
+ASK = [{"role": "user", "content": "Add two numbers."}]
+
+
+def chat_completion(message: dict, logprobs, finish_reason: str = "stop") -> dict:
+    """The chat completion object: one choice with ``message``, ``logprobs`` and ``finish_reason``."""
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 1741570283, "model": "demo-teacher",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": None, **message},
+                         "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def good_records() -> list[dict]:
+    return [json.loads(line) for line in GOOD.read_text().splitlines()]
+
+
+# The request output object: the request got an HTTP error; response.body is an error object (ErrorResponse).
+FAILED_HTTP = {"id": "batch_req_400", "custom_id": "req-bad-role", "error": None,
+               "response": {"status_code": 400, "request_id": "req_7f3a",
+                            "body": {"error": {"message": "messages[0].role: 'robot' is not a known role",
+                                               "type": "invalid_request_error", "param": "messages[0].role",
+                                               "code": None}}}}
+# The request output object: the request failed without a response (error has code and message).
+FAILED_NO_RESPONSE = {"id": "batch_req_exp", "custom_id": "req-expired", "response": None,
+                      "error": {"code": "batch_expired", "message": "not run within the completion window"}}
+# The chat completion object, a refusal: message.refusal set, message.content null, logprobs.content null and
+# logprobs.refusal the refusal's tokens.
+REFUSAL = {"messages": ASK, "response": chat_completion(
+    {"refusal": "No."}, {"content": None, "refusal": [
+        {"token": "No", "logprob": -0.01, "bytes": [78, 111],
+         "top_logprobs": [{"token": "No", "logprob": -0.01, "bytes": [78, 111]}]},
+        {"token": ".", "logprob": -0.02, "bytes": [46],
+         "top_logprobs": [{"token": ".", "logprob": -0.02, "bytes": [46]}]}]})}
+# The chat completion object, a tool call: message.tool_calls set (ChatCompletionMessageToolCall), content null,
+# logprobs.content [] and finish_reason tool_calls.
+TOOL_CALL = {"messages": ASK, "response": chat_completion(
+    {"tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+    {"content": [], "refusal": None}, finish_reason="tool_calls")}
+# The chat completion object with an empty answer: message.content "" and logprobs.content [].
+EMPTY = {"messages": ASK, "response": chat_completion({"content": ""}, {"content": [], "refusal": None})}
+
+
+def filtered() -> dict:
+    """The chat completion object cut by the content filter: a good answer, finish_reason content_filter."""
+    rec = good_records()[0]
+    rec["response"]["choices"][0]["finish_reason"] = "content_filter"
+    return rec
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def mixed_file(tmp_path) -> Path:
+    good = good_records()
+    return write_jsonl(tmp_path / "mixed.jsonl", [good[0], FAILED_HTTP, REFUSAL, good[1], TOOL_CALL,
+                                                  FAILED_NO_RESPONSE, EMPTY, filtered(), good[2]])
+
+
+def test_unusable_lines_skipped_and_counted(chat_teacher, tmp_path):
+    mixed = mixed_file(tmp_path)
+    manifest, report = import_api(mixed, chat_teacher, tmp_path / "mixed")
+    _, alone = import_api(GOOD, chat_teacher, tmp_path / "good")
+    write_jsonl(tmp_path / "first.jsonl", good_records()[:1])
+    import_api(tmp_path / "first.jsonl", chat_teacher, tmp_path / "first")
+    rows = rows_of(tmp_path / "mixed")
+    assert (report.records, report.rows, len(rows)) == (9, 3, 3)
+    assert rows == rows_of(tmp_path / "good")                     # exactly the good lines, value for value
+    assert rows[0] == rows_of(tmp_path / "first")[0]              # ... and each as when imported alone
+    assert report.skipped == {"failed request": 2, "refusal": 1, "tool call": 1, "content filter": 1,
+                              "empty answer": 1}
+    assert report.rows + report.skipped_records == report.records
+    assert (report.tokens, report.unmapped) == (alone.tokens, 0)  # skipped answers' tokens are not counted
+    assert report.lines()[-1] == (f"  skipped 6 of 9 records: failed request x2 (first at {mixed}:2), refusal x1 "
+                                  f"(first at {mixed}:3), tool call x1 (first at {mixed}:5), content filter x1 "
+                                  f"(first at {mixed}:8), empty answer x1 (first at {mixed}:7)")
+    assert manifest.data.documents_skipped == dict(report.skipped)
+    assert (manifest.data.documents_read, manifest.data.documents_used) == (9, 3)
+    assert verify_cache(tmp_path / "mixed", deep=True) == []
+
+
+def test_strict_refuses_the_first_unusable_line(chat_teacher, tmp_path):
+    mixed = mixed_file(tmp_path)
+    with pytest.raises(ImportApiError) as e:
+        import_api(mixed, chat_teacher, tmp_path / "out", ApiImportOptions(strict=True))
+    msg = str(e.value)
+    assert msg.startswith(f"{mixed}:2: field response.status_code is 400 (invalid_request_error: messages[0].role")
+    assert SKIP_REASONS["failed request"] in msg and "without --strict" in msg
+    assert "(here 6 of 9: failed request x2, refusal x1, tool call x1, empty answer x1, content filter x1)" in msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("record, reason, problem", [
+    (FAILED_HTTP, "failed request", "field response.status_code is 400 (invalid_request_error: "),
+    (FAILED_NO_RESPONSE, "failed request", "field error is set (batch_expired: not run within the completion window)"),
+    (REFUSAL, "refusal", "field response.choices[0].message.refusal is set (No.)"),
+    (TOOL_CALL, "tool call", "field response.choices[0].message.tool_calls is set"),
+    (EMPTY, "empty answer", "field response.choices[0].logprobs.content is []"),
+    (None, "content filter", "field response.choices[0].finish_reason is 'content_filter'"),
+])
+def test_strict_names_line_field_and_fix(chat_teacher, tmp_path, record, reason, problem):
+    path = write_jsonl(tmp_path / "one.jsonl", [good_records()[0], record or filtered()])
+    _, report = import_api(path, chat_teacher, tmp_path / "lenient")
+    assert report.skipped == {reason: 1} and report.rows == 1
+    with pytest.raises(ImportApiError) as e:
+        import_api(path, chat_teacher, tmp_path / "strict", ApiImportOptions(strict=True))
+    assert str(e.value).startswith(f"{path}:2: {problem}") and SKIP_REASONS[reason] in str(e.value)
+
+
+def test_strict_refuses_an_unmapped_answer_token(chat_teacher, tmp_path):
+    answers = [[c["token"] for c in json.loads(line)["response"]["choices"][0]["logprobs"]["content"]]
+               for line in FOREIGN.read_text().splitlines()]
+    first = next(n for n, tokens in enumerate(answers, 1) if "😀" in tokens)   # the first unmappable chosen token
+    index = answers[first - 1].index("😀")
+    with pytest.raises(ImportApiError) as e:
+        import_api(FOREIGN, chat_teacher, tmp_path / "out", ApiImportOptions(max_unmapped=0.2, strict=True))
+    assert str(e.value).startswith(f"{FOREIGN}:{first}: field response.choices[0].logprobs.content[{index}].token "
+                                   "'😀' is not in the vocabulary of --tokenizer")
+    assert "unmapped token x2" in str(e.value)
+
+
+def batch_input_line(custom_id: str, messages: list) -> dict:
+    """The request input object: one line of an OpenAI Batch input file."""
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "demo-teacher", "messages": messages, "logprobs": True, "top_logprobs": 5}}
+
+
+def batch_output_line(custom_id: str, completion: dict) -> dict:
+    """The request output object: one line of an OpenAI Batch output file, for a request that succeeded."""
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "error": None,
+            "response": {"status_code": 200, "request_id": f"req_{custom_id}", "body": completion}}
+
+
+def test_batch_join_equals_inline_records(chat_teacher, tmp_path):
+    good = good_records()
+    inputs = write_jsonl(tmp_path / "batch_input.jsonl", [batch_input_line(f"req-{i}", r["messages"])
+                                                          for i, r in enumerate(good)])
+    order = [2, 0, 1]                              # output lines in another order than the requests
+    outputs = write_jsonl(tmp_path / "batch_output.jsonl", [batch_output_line(f"req-{i}", good[i]["response"])
+                                                            for i in order])
+    inline = write_jsonl(tmp_path / "inline.jsonl", [good[i] for i in order])
+    manifest, report = import_api(outputs, chat_teacher, tmp_path / "batch", requests=inputs)
+    import_api(inline, chat_teacher, tmp_path / "inline")
+    import_api(GOOD, chat_teacher, tmp_path / "good")
+    assert (report.records, report.rows, report.skipped_records, report.unanswered) == (3, 3, 0, 0)
+    assert rows_of(tmp_path / "batch") == rows_of(tmp_path / "inline")
+    assert rows_of(tmp_path / "batch") == [rows_of(tmp_path / "good")[i] for i in order]   # each with its messages
+    assert manifest.data.sources == [str(outputs), str(inputs)] and manifest.extra["requests_without_output"] == 0
+    assert report.lines()[-1] == "  skipped 0 of 3 records"
+    assert verify_cache(tmp_path / "batch", deep=True) == []
+
+
+def test_batch_unknown_ids_and_requests_without_output(chat_teacher, tmp_path):
+    good = good_records()
+    inputs = write_jsonl(tmp_path / "in.jsonl", [batch_input_line(f"req-{i}", r["messages"]) for i, r in
+                                                 enumerate(good)] + [batch_input_line("req-unanswered", ASK)])
+    failed = {**FAILED_NO_RESPONSE, "custom_id": "req-1"}
+    outputs = write_jsonl(tmp_path / "out.jsonl", [
+        batch_output_line("req-0", good[0]["response"]), batch_output_line("req-x", good[1]["response"]), failed,
+        batch_output_line("req-y", good[2]["response"]), batch_output_line("req-2", good[2]["response"])])
+    _, report = import_api(outputs, chat_teacher, tmp_path / "cache", requests=inputs)
+    assert (report.records, report.rows) == (5, 2)
+    assert report.skipped == {"unknown custom_id": 2, "failed request": 1}
+    assert (report.unknown_ids, report.unanswered, report.unanswered_ids) == (["req-x", "req-y"], 1, ["req-unanswered"])
+    assert report.lines()[-1] == (f"  skipped 3 of 5 records: failed request x1 (first at {outputs}:3), unknown "
+                                  f"custom_id x2 (first at {outputs}:2; ids 'req-x', 'req-y'); requests of --requests "
+                                  "with no output line: 1 ('req-unanswered')")
+    assert rows_of(tmp_path / "cache") == rows_of_inline(chat_teacher, tmp_path, [good[0], good[2]])
+    with pytest.raises(ImportApiError, match=r"out.jsonl:2: field custom_id 'req-x' names no request of "
+                                             r"--requests; give as --requests the Batch input file"):
+        import_api(outputs, chat_teacher, tmp_path / "strict", ApiImportOptions(strict=True), requests=inputs)
+    answered = write_jsonl(tmp_path / "answered.jsonl", [batch_output_line(f"req-{i}", r["response"])
+                                                         for i, r in enumerate(good)])
+    with pytest.raises(ImportApiError, match=r"in.jsonl: requests with no line in .*answered.jsonl: 1 "
+                                             r"\('req-unanswered'\); a Batch's failed requests are in its error file"):
+        import_api(answered, chat_teacher, tmp_path / "strict", ApiImportOptions(strict=True), requests=inputs)
+    assert not (tmp_path / "strict").exists()
+
+
+def rows_of_inline(chat_teacher, tmp_path, records: list[dict]) -> list[dict]:
+    """The decoded rows of ``records`` imported as inline lines (the reference a Batch join must equal)."""
+    path = write_jsonl(tmp_path / "reference.jsonl", records)
+    import_api(path, chat_teacher, tmp_path / "reference", ApiImportOptions(overwrite=True))
+    return rows_of(tmp_path / "reference")
+
+
+def test_batch_duplicates_and_missing_requests_refused(chat_teacher, tmp_path):
+    good = good_records()
+    inputs = write_jsonl(tmp_path / "in.jsonl", [batch_input_line("req-0", ASK), batch_input_line("req-1", ASK),
+                                                 batch_input_line("req-0", ASK)])
+    outputs = write_jsonl(tmp_path / "out.jsonl", [batch_output_line("req-0", good[0]["response"]),
+                                                   batch_output_line("req-0", good[1]["response"])])
+    with pytest.raises(ImportApiError, match=r"in.jsonl:3: custom_id 'req-0' is already used at .*in.jsonl:1; "
+                                             r"custom_ids are unique in a Batch input file"):
+        import_api(outputs, chat_teacher, tmp_path / "a", requests=inputs)
+    unique = write_jsonl(tmp_path / "unique.jsonl", [batch_input_line("req-0", ASK)])
+    with pytest.raises(ImportApiError, match=r"out.jsonl:2: custom_id 'req-0' is already answered at .*out.jsonl:1"):
+        import_api(outputs, chat_teacher, tmp_path / "b", requests=unique)
+    with pytest.raises(ImportApiError, match=r"out.jsonl:1: field messages missing: this is a Batch output line "
+                                             r"\(custom_id 'req-0'\).* --requests batch_input.jsonl"):
+        import_api(outputs, chat_teacher, tmp_path / "c")
+    with pytest.raises(ImportApiError, match=r"--requests .*nowhere.jsonl: no such file"):
+        import_api(outputs, chat_teacher, tmp_path / "d", requests=tmp_path / "nowhere.jsonl")
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_cli_import_api_batch(chat_teacher, tmp_path):
+    good = good_records()
+    inputs = write_jsonl(tmp_path / "in.jsonl", [batch_input_line(f"req-{i}", r["messages"])
+                                                 for i, r in enumerate(good)])
+    outputs = write_jsonl(tmp_path / "out.jsonl", [batch_output_line("req-0", good[0]["response"]),
+                                                   {**FAILED_HTTP, "custom_id": "req-1"},
+                                                   batch_output_line("req-2", good[2]["response"])])
+    runner = CliRunner()
+    args = ["import-api", str(outputs), "--requests", str(inputs), "--tokenizer", str(chat_teacher)]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "3 records -> 2 rows" in result.output
+    assert f"skipped 1 of 3 records: failed request x1 (first at {outputs}:2)" in result.output
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "b"), "--strict"])
+    assert result.exit_code == 1 and f"{outputs}:2: field response.status_code is 400" in result.output
