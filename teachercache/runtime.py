@@ -65,14 +65,16 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id or 0
 
 
-def load_causal_lm(name: str, dtype, trust_remote_code: bool, error: type[Exception]):
+def load_causal_lm(name: str, dtype, trust_remote_code: bool, error: type[Exception], **placement):
     """(tokenizer, model) of a teacher given as a hub id or directory; ``error`` ("--teacher NAME: cannot be
-    loaded (...)") when transformers cannot load them. Shared by the build and generate."""
+    loaded (...)") when transformers cannot load them. Shared by the build and generate. ``placement``:
+    from_pretrained's device_map / max_memory / offload_folder (accelerate places the layers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
     except (OSError, ValueError) as e:
         raise error(f"--teacher {name}: cannot be loaded ({e})") from None
     return tokenizer, model

@@ -14,7 +14,7 @@ from teachercache.inspect.diff import DiffOptions
 from teachercache.interop.export import FORMATS, ExportOptions
 from teachercache.interop.openai_chat import ApiImportOptions
 from teachercache.interop.vllm import VllmImportOptions
-from teachercache.teacher.build import BuildOptions
+from teachercache.teacher.build import DEVICE_MAPS, BuildOptions
 from teachercache.teacher.corpus import BAD_RECORDS_HELP, PACKINGS, DataError, DataOptions, bad_record_limit
 from teachercache.teacher.targets import MAX_IDS, TEMPERATURES, TargetOptions
 
@@ -69,6 +69,8 @@ def _bad_records(ctx, param, value):
               help="Close a shard at this many MB (fractions allowed, e.g. 0.05; at most 1048576).")
 @field_option(BuildOptions, "zstd_level", "--zstd-level", type=click.IntRange(1, 22))
 @field_option(BuildOptions, "head_chunk", "--head-chunk", type=click.IntRange(min=0))
+@field_option(BuildOptions, "device_map", "--device-map", type=click.Choice(DEVICE_MAPS))
+@field_option(BuildOptions, "max_memory", "--max-memory")
 @field_option(BuildOptions, "resume", "--resume")
 @overwrite_option(BuildOptions)
 @runtime_options(BuildOptions, "teacher")

@@ -56,8 +56,27 @@ SAFE = frozenset({"out", "resume", "overwrite", "progress", "queue_batches", "da
 resolve to, is recorded in the marker and must be the same."""
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""accelerate's placement strategies that --device-map takes."""
+OFFLOAD_DIR = "offload"
+"""Under state/: the layers a --device-map build reads from disk."""
+
+
 class BuildError(TeachercacheError):
     """A build that cannot start or go on as asked."""
+
+
+def parse_max_memory(text: str) -> dict:
+    """--max-memory "0=70GiB,cpu=200GiB" -> {0: "70GiB", "cpu": "200GiB"} (accelerate's max_memory)."""
+    out = {}
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not size or not (key.isdigit() or key in ("cpu", "mps")):
+            raise BuildError(f"--max-memory {text!r}: give DEVICE=SIZE pairs separated by commas, DEVICE a GPU "
+                             "index or cpu, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        out[int(key) if key.isdigit() else key] = size
+    return out
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,12 @@ class BuildOptions:
     """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
     device: str = "auto"
     """auto (cuda if available), cuda, cpu."""
+    device_map: str | None = None
+    """Spread a teacher too large for one device over the visible GPUs, then CPU memory, then disk, in one
+    process (accelerate's placement: auto, balanced, balanced_low_0, sequential). None: all of it on --device."""
+    max_memory: str | None = None
+    """With --device-map: memory each device may hold, e.g. "0=70GiB,1=70GiB,cpu=200GiB"; layers that do not
+    fit are read from disk as they run (out/state/offload, removed after the pass)."""
     hidden_layers: tuple[int, ...] = ()
     """Hidden-state layers to store (0 = embeddings output, L = last layer), at target positions."""
     hidden_dtype: str = "bfloat16"
@@ -119,6 +144,12 @@ class BuildOptions:
             raise BuildError(f"--hidden-layers {shown}: layer {twice[0]} is given twice; name each layer once")
         if isinstance(self.targets, TargetSpec):
             check_spec(self.targets, None)
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise BuildError(f"--device-map {self.device_map!r}: choose one of {', '.join(DEVICE_MAPS)}")
+        if self.max_memory is not None:
+            if self.device_map is None:
+                raise BuildError("--max-memory places layers of --device-map: give --device-map auto as well")
+            parse_max_memory(self.max_memory)
         if self.resume and self.overwrite:
             raise BuildError("--resume and --overwrite together: --resume continues the build in --out, "
                              "--overwrite replaces it; give one")
@@ -141,11 +172,19 @@ class BuildResult:
 
 
 def load_teacher(options: BuildOptions, device, dtype):
+    """(tokenizer, model in eval mode): on ``device``, or placed by --device-map (layers that fit nowhere are
+    offloaded to out/state/offload)."""
     path = Path(options.teacher)
     if (path.is_absolute() or options.teacher.startswith(".")) and not path.exists():
         raise BuildError(f"--teacher {options.teacher}: no such directory")
-    tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError)
-    return tokenizer, model.to(device).eval()
+    if options.device_map is None:
+        tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError)
+        return tokenizer, model.to(device).eval()
+    placement = dict(device_map=options.device_map, offload_folder=str(Path(options.out) / STATE_DIR / OFFLOAD_DIR))
+    if options.max_memory is not None:
+        placement["max_memory"] = parse_max_memory(options.max_memory)
+    tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError, **placement)
+    return tokenizer, model.eval()
 
 
 def _check_model(options: BuildOptions, model, vocab_size: int) -> None:
@@ -548,6 +587,9 @@ def _build_cache(options: BuildOptions) -> BuildResult:
     dtype = resolve_dtype(options.dtype, device)
     if rank == 0:
         _check_paths(options)  # before the record: the input files' fingerprint must not read the cache
+    if options.device_map is not None and world > 1:
+        raise BuildError("--device-map places one teacher over all visible devices in one process: run it without "
+                         "torchrun (or, under torchrun, give each rank a teacher that fits its device)")
     record = content_record(options, device, dtype, world)
     if rank == 0:
         _claim_early(options, record)
@@ -586,6 +628,7 @@ def _build_cache(options: BuildOptions) -> BuildResult:
         if report is not None:
             report.close()
         lock.close()
+        shutil.rmtree(Path(options.out) / STATE_DIR / OFFLOAD_DIR, ignore_errors=True)
     seconds = time.time() - start
     manifest_path = Path(options.out) / MANIFEST_NAME
     if totals is None:  # ranks other than 0

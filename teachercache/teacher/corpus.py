@@ -465,12 +465,29 @@ class PackedRow:
     target_mask: np.ndarray  # (T,) bool; the last position is always False
 
 
-def tokenize(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
-    """(ids, label flags): label flag i says whether token i is a target (its predecessor predicts it)."""
+def tokenize(doc: Document, tokenizer, prefix: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """(ids, label flags): label flag i says whether token i is a target (its predecessor predicts it).
+    A text document starts with ``prefix`` (default ``start_tokens(tokenizer)``: the BOS a tokenizer adds by
+    default), which is no target; a chat document is what its template renders (BOS included)."""
     if doc.messages is None:
+        prefix = start_tokens(tokenizer) if prefix is None else prefix
         ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-        return ids, [True] * len(ids)
+        if not ids:
+            return [], []
+        return prefix + ids, [False] * len(prefix) + [True] * len(ids)
     return chat_tokens(doc.messages, tokenizer, doc.source)
+
+
+def start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default (Llama's and Gemma's BOS; none for
+    GPT-2-style tokenizers). What it appends (an EOS some add) is left out: rows join documents with EOS."""
+    probe = "a b"
+    plain = tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer(probe, verbose=False)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
 
 
 def chat_tokens(messages: list[dict], tokenizer, source: str = "<chat>") -> tuple[list[int], list[bool]]:
@@ -506,8 +523,9 @@ def iter_packed_rows(options: DataOptions, tokenizer, counts: DocumentCounts) ->
                         "(use --packing document)")
     ids_buf: list[int] = []
     lab_buf: list[bool] = []
+    prefix = start_tokens(tokenizer)
     for doc in iter_documents(options, counts):
-        ids, labels = tokenize(doc, tokenizer)
+        ids, labels = tokenize(doc, tokenizer, prefix)
         if not ids:
             counts.skip("empty")
             continue

@@ -247,3 +247,32 @@ def test_split_head_check_catches_a_transform_it_does_not_apply():
     assert split.check(model, ids) is None
     split.transforms = {}
     assert "differ from the model's" in split.check(model, ids)
+
+
+def test_device_map_with_layers_offloaded_to_disk_gives_the_same_cache(tmp_path):
+    """--device-map auto with a --max-memory too small for the demo teacher (21 MB in float32): accelerate keeps
+    the embeddings in CPU memory and reads the decoder layers and the head from disk (out/state/offload) as
+    they run; the cache equals a plain build's, and the offloaded weights are gone afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    demo = ROOT / "data" / "teacher"
+    placed = AutoModelForCausalLM.from_pretrained(demo, device_map="auto", max_memory={"cpu": "18MB"},
+                                                  offload_folder=str(tmp_path / "probe"))
+    assert set(placed.hf_device_map.values()) == {"cpu", "disk"}, placed.hf_device_map   # really split
+    del placed
+    build_cache(_options(demo, tmp_path / "plain", batch_size=3, hidden_layers=(1,)))
+    build_cache(_options(demo, tmp_path / "mapped", batch_size=3, hidden_layers=(1,), device_map="auto",
+                         max_memory="cpu=18MB"))
+    plain, mapped = Cache.open(tmp_path / "plain"), Cache.open(tmp_path / "mapped")
+    assert [s.sha256 for s in plain.manifest.shards] == [s.sha256 for s in mapped.manifest.shards]
+    assert not (tmp_path / "mapped" / "state" / "offload").exists()
+    assert verify_cache(tmp_path / "mapped") == []
+
+
+def test_device_map_refusals(teacher, tmp_path):
+    with pytest.raises(BuildError, match="--device-map 'gpu-first': choose one of auto"):
+        _options(teacher, tmp_path / "a", device_map="gpu-first")
+    with pytest.raises(BuildError, match="give --device-map auto as well"):
+        _options(teacher, tmp_path / "b", max_memory="cpu=1GiB")
+    with pytest.raises(BuildError, match="DEVICE=SIZE pairs"):
+        _options(teacher, tmp_path / "c", device_map="auto", max_memory="lots")
