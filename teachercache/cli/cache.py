@@ -71,6 +71,7 @@ def _bad_records(ctx, param, value):
 @field_option(BuildOptions, "head_chunk", "--head-chunk", type=click.IntRange(min=0))
 @field_option(BuildOptions, "device_map", "--device-map", type=click.Choice(DEVICE_MAPS))
 @field_option(BuildOptions, "max_memory", "--max-memory")
+@field_option(BuildOptions, "tp_size", "--tp-size", type=click.IntRange(min=1))
 @field_option(BuildOptions, "resume", "--resume")
 @overwrite_option(BuildOptions)
 @runtime_options(BuildOptions, "teacher")

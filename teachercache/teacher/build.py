@@ -103,6 +103,10 @@ class BuildOptions:
     max_memory: str | None = None
     """With --device-map: memory each device may hold, e.g. "0=70GiB,1=70GiB,cpu=200GiB"; layers that do not
     fit are read from disk as they run (out/state/offload, removed after the pass)."""
+    tp_size: int = 1
+    """Under torchrun: ranks that hold one teacher together by tensor parallelism (transformers' plan for the
+    family) and run the same rows; the world's ranks form world / tp_size such groups, which share out the
+    rows. 1: every rank holds a whole teacher."""
     hidden_layers: tuple[int, ...] = ()
     """Hidden-state layers to store (0 = embeddings output, L = last layer), at target positions."""
     hidden_dtype: str = "bfloat16"
@@ -136,6 +140,10 @@ class BuildOptions:
             check_number("build", f"{name} ({flag})" if flag else name, getattr(self, name), low=1, high=high,
                          integer=True)
         check_number("build", "head_chunk (--head-chunk)", self.head_chunk, low=0, integer=True)
+        check_number("build", "tp_size (--tp-size)", self.tp_size, low=1, integer=True)
+        if self.tp_size > 1 and self.device_map is not None:
+            raise BuildError("--tp-size and --device-map together: tensor parallelism places the teacher over "
+                             "the ranks of torchrun, --device-map over one process's devices; give one")
         layers = tuple(self.hidden_layers)
         shown = ",".join(map(str, layers))
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
@@ -171,12 +179,20 @@ class BuildResult:
     """Files in --data directories that were not read (listed in skipped.jsonl)."""
 
 
-def load_teacher(options: BuildOptions, device, dtype):
+def load_teacher(options: BuildOptions, device, dtype, world: int = 1):
     """(tokenizer, model in eval mode): on ``device``, or placed by --device-map (layers that fit nowhere are
-    offloaded to out/state/offload)."""
+    offloaded to out/state/offload), or split over each group of --tp-size ranks (of ``world``)."""
     path = Path(options.teacher)
     if (path.is_absolute() or options.teacher.startswith(".")) and not path.exists():
         raise BuildError(f"--teacher {options.teacher}: no such directory")
+    if options.tp_size > 1:
+        from transformers.distributed.configuration_utils import DistributedConfig
+
+        groups = world // options.tp_size   # data-parallel replicas of the tensor-parallel teacher
+        config = DistributedConfig(tp_size=options.tp_size, **({"dp_replicate_size": groups} if groups > 1 else {}))
+        tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError,
+                                          distributed_config=config)
+        return tokenizer, model.eval()
     if options.device_map is None:
         tokenizer, model = load_causal_lm(options.teacher, dtype, options.trust_remote_code, BuildError)
         return tokenizer, model.to(device).eval()
@@ -590,23 +606,30 @@ def _build_cache(options: BuildOptions) -> BuildResult:
     if options.device_map is not None and world > 1:
         raise BuildError("--device-map places one teacher over all visible devices in one process: run it without "
                          "torchrun (or, under torchrun, give each rank a teacher that fits its device)")
+    tp = options.tp_size
+    if world % tp:
+        raise BuildError(f"--tp-size {tp} does not divide the {world} ranks of torchrun: give --nproc-per-node x "
+                         f"--nnodes a multiple of {tp}")
+    # Tensor parallelism: ranks r .. r + tp - 1 hold one teacher and run the same rows; the first of them (the
+    # group's lead) writes. Groups share out the rows as ranks do without it: group g of world / tp.
+    lead, group, groups = rank % tp == 0, rank // tp, world // tp
     record = content_record(options, device, dtype, world)
     if rank == 0:
         _claim_early(options, record)
-    tokenizer, model = load_teacher(options, device, dtype)
+    tokenizer, model = load_teacher(options, device, dtype, world)
     load_seconds = time.time() - start
     vocab_size = len(tokenizer)
     _check_model(options, model, vocab_size)
-    state, lock = _prepare_ranks(options, rank, world, record)
+    state, lock = _prepare_ranks(options, rank, world, record, tp)
     totals, counts, report = None, DocumentCounts(), None
     try:
         if rank == 0:
             _writable(lambda: tokenizer.save_pretrained(Path(options.out) / TOKENIZER_DIR), Path(options.out))
             report = _SkipReport(Path(options.out), scan_inputs(options.data.paths).ignored)
             counts.on_bad = report
-        writer = _open_writer(options, model, vocab_size, rank, state)
+        writer = _open_writer(options, model, vocab_size, group, state) if lead else None
         try:
-            rows_done = _teacher_pass(options, model, tokenizer, vocab_size, device, writer, counts, rank, world,
+            rows_done = _teacher_pass(options, model, tokenizer, vocab_size, device, writer, counts, group, groups,
                                       state.get("rows_done", 0))
         except TooManyBadRecords as e:
             raise BuildError(f"{e}; every one is listed in {Path(options.out) / SKIPPED_NAME}. The shards "
@@ -620,7 +643,7 @@ def _build_cache(options: BuildOptions) -> BuildResult:
         if world > 1:
             torch.distributed.barrier()
         if rank == 0:
-            totals = _write_manifest(options, writer, model, tokenizer, vocab_size, dtype, device, counts, world,
+            totals = _write_manifest(options, writer, model, tokenizer, vocab_size, dtype, device, counts, groups,
                                      report)
         if world > 1:
             torch.distributed.barrier()
@@ -637,14 +660,28 @@ def _build_cache(options: BuildOptions) -> BuildResult:
                        bad_records=counts.bad, ignored_files=len(report.ignored))
 
 
-def _prepare_ranks(options: BuildOptions, rank: int, world: int, record: dict):
-    """Every rank's _prepare_dir, rank 0's first: it decides, and clears a cache it replaces."""
+class _NoLock:
+    """The lock of a rank that writes nothing (a tensor-parallel group's other ranks)."""
+
+    def close(self) -> None:
+        pass
+
+
+def _prepare_ranks(options: BuildOptions, rank: int, world: int, record: dict, tp: int = 1):
+    """Every writing rank's _prepare_dir (under tensor parallelism the lead of each group, as rank
+    rank // tp), rank 0's first: it decides, and clears a cache it replaces. The other ranks of a group get
+    their lead's resume state and a lock that holds nothing."""
+    state, lock = {}, _NoLock()
     if rank == 0:
-        state, lock = _prepare_dir(options, rank, record)
+        state, lock = _prepare_dir(options, 0, record)
     if world > 1:
         torch.distributed.barrier()
-    if rank != 0:
-        state, lock = _prepare_dir(options, rank, record)
+    if rank != 0 and rank % tp == 0:
+        state, lock = _prepare_dir(options, rank // tp, record)
+    if tp > 1:
+        states = [None] * world
+        torch.distributed.all_gather_object(states, state if rank % tp == 0 else None)
+        state = states[rank - rank % tp]
     return state, lock
 
 
@@ -699,13 +736,17 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
                   counts: DocumentCounts, rank: int, world: int, rows_done: int) -> int:
     """Forward passes over this rank's rows after the first ``rows_done``, each batch handed to the writer
     thread; returns the rows done in all. Raises the writer's error, if it had one."""
-    defer = _defer_targets(options, device)
-    thread = _Writer(writer, Path(options.out) / STATE_DIR / f"rank-{rank:03d}.json", rows_done,
-                     1 if defer else options.queue_batches, lambda p: p.finish(options, vocab_size))
-    thread.start()
+    # Under tensor parallelism the head is a collective of the group: every rank computes the targets in the
+    # same order on the main thread, and only the group's lead (the one with a writer) keeps them.
+    defer = _defer_targets(options, device) and options.tp_size == 1
+    thread = None
+    if writer is not None:
+        thread = _Writer(writer, Path(options.out) / STATE_DIR / f"rank-{rank:03d}.json", rows_done,
+                         1 if defer else options.queue_batches, lambda p: p.finish(options, vocab_size))
+        thread.start()
     tokens, pass_start = 0, time.time()
     pad = pad_id(tokenizer)
-    bar = _progress(options, rank)
+    bar = _progress(options, rank) if writer is not None else None
     finished, split, first = False, None, True
     try:
         for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
@@ -715,17 +756,19 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
             rb = _forward(model, split, batch, options, vocab_size, pad, device, defer)
             rows_done += len(batch)
             tokens += sum(len(row.input_ids) for _, row in batch)
-            thread.put(rows_done, rb)
+            if thread is not None:
+                thread.put(rows_done, rb)
             if bar is not None:
                 bar.update(counts.read - bar.n)
                 bar.set_postfix(rows=rows_done, tokens_per_s=f"{tokens / max(time.time() - pass_start, 1e-9):.0f}")
         finished = True
     finally:
-        thread.queue.put(None if finished else _Writer.ABORT)
-        thread.join()
+        if thread is not None:
+            thread.queue.put(None if finished else _Writer.ABORT)
+            thread.join()
         if bar is not None:
             bar.close()
-    if thread.error is not None:
+    if thread is not None and thread.error is not None:
         raise thread.error
     return rows_done
 
@@ -749,7 +792,7 @@ def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer
                       seq_len=options.data.seq_len, packing=options.data.packing,
                       documents_read=counts.read, documents_used=counts.used,
                       documents_skipped=dict(counts.skipped)),
-        extra={"world_size": world, "batch_size": options.batch_size, "device": str(device),
+        extra={"world_size": world, "tp_size": options.tp_size, "batch_size": options.batch_size, "device": str(device),
                "zstd_level": options.zstd_level, "bad_records": counts.bad, "ignored_files": len(report.ignored),
                "skipped_report": SKIPPED_NAME if report.file is not None else None}, all_shards=shards)
     return manifest.totals

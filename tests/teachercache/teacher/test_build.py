@@ -276,3 +276,38 @@ def test_device_map_refusals(teacher, tmp_path):
         _options(teacher, tmp_path / "b", max_memory="cpu=1GiB")
     with pytest.raises(BuildError, match="DEVICE=SIZE pairs"):
         _options(teacher, tmp_path / "c", device_map="auto", max_memory="lots")
+
+
+def _topk_rows(path):
+    """{row tokens: [(stored ids, their log-probs)] per target position} of a top-k cache, order-free."""
+    out = {}
+    for b in Cache.open(path).iter_batches():
+        for r in range(b.num_rows):
+            ps = range(b.row_positions[r], b.row_positions[r + 1])
+            out[tuple(b.input_ids[b.row_offsets[r]:b.row_offsets[r + 1]].tolist())] = [
+                (b.target_ids[b.target_offsets[p]:b.target_offsets[p + 1]].tolist(),
+                 b.target_logprobs[b.target_offsets[p]:b.target_offsets[p + 1]]) for p in ps]
+    return out
+
+
+@pytest.mark.parametrize("procs", [4])
+def test_tensor_parallel_groups_under_torchrun_equal_one_process(teacher, tmp_path, procs):
+    """--tp-size 2 under torchrun (gloo on CPU): each pair of ranks holds the teacher split by transformers'
+    tensor-parallel plan; with 4 ranks, two such groups share out the rows. The cache holds the rows of a
+    one-process build with the same targets (ids equal, log-probs to the quantiser's step: the sharded
+    matmuls round differently), one writer per group."""
+    flags = ["--teacher", str(teacher), "--data", str(CORPUS), "--seq-len", "48", "--batch-size", "2",
+             "--max-docs", "2", "--k", "8", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "teachercache", "build", "--out", str(tmp_path / "one"), *flags], check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m",
+                    "teachercache", "build", "--out", str(tmp_path / "tp"), "--tp-size", "2", *flags], check=True)
+    tp = Cache.open(tmp_path / "tp").manifest
+    assert {s.file.split("-")[1] for s in tp.shards} == {f"r{g:03d}" for g in range(procs // 2)}
+    assert tp.extra["tp_size"] == 2 and tp.extra["world_size"] == procs // 2
+    assert verify_cache(tmp_path / "tp") == []
+    one, two = _topk_rows(tmp_path / "one"), _topk_rows(tmp_path / "tp")
+    assert one.keys() == two.keys() and len(one) > 3
+    for row in one:
+        for (ids_a, lp_a), (ids_b, lp_b) in zip(one[row], two[row]):
+            assert ids_a == ids_b
+            assert np.abs(lp_a - lp_b).max() <= 0.02
