@@ -10,12 +10,19 @@ then read back and decoded. Printed side by side, per target position and per to
       (16 exact bf16 values + 6 fp32 polynomial terms = 56 bytes per position);
   (d) ours: the target columns (ids, values, hits, refs, sizes), and every column of the cache.
 
+Then the same distributions at a real vocabulary size (--wide-vocab, default 152,064 = Qwen 2's head): every
+id, stored and input, mapped through a fixed, seeded permutation of range(152064), so the ids are spread
+over the larger range and need 3 bytes, encoded with Layout(vocab_size=152064) and decoded back (the ids,
+mapped back by the inverse permutation, must equal the teacher's). A random permutation is the worst case
+for the id bytes: real BPE vocabularies give frequent tokens low ids, which this removes.
+
 Fidelity: the largest |decoded - true| log-prob over entries with p >= 1e-4 (and over all entries), and
 the largest rest-mass error. Decode speed: target positions per second on one core, for the numba kernel
 alone and for read + zstd decompression + decode from a shard file. Then the variants the format was
 chosen from, at k=64: quantiser steps, zstd levels, and zstandard frames instead of Arrow IPC zstd.
 
     python tools/bench_codec.py            # ~1 minute on 2 CPU cores
+    python tools/bench_codec.py --wide-vocab 0     # without the 152k rows
 The last line printed is one JSON object with the figures.
 """
 
@@ -119,6 +126,29 @@ def nucleus_sizes(tops: dict, top_p: float, min_k: int, max_k: int) -> np.ndarra
     mass = np.cumsum(np.exp(tops["lps"][:, :max_k].astype(np.float64)), axis=1)
     n = (mass < top_p).sum(1) + 1
     return np.clip(n, min_k, max_k)
+
+
+def permute_ids(rows: torch.Tensor, tops: dict, vocab_size: int,
+                seed: int = 0) -> tuple[torch.Tensor, dict, np.ndarray]:
+    """(rows, tops, permutation): every token id of ``rows`` and every id of ``tops`` mapped through a fixed
+    permutation of range(vocab_size) (vocab_size >= the teacher's); the distributions themselves unchanged."""
+    perm = np.random.default_rng(seed).permutation(vocab_size)
+    wide = dict(tops, ids=perm[tops["ids"]], vocab_size=vocab_size)
+    return torch.from_numpy(perm[rows.numpy()]), wide, perm
+
+
+def check_unpermuted(batches: list[RowBatch], cache: Cache, perm: np.ndarray) -> None:
+    """The input ids and the decoded target ids of ``cache``, mapped back through the inverse of ``perm``, are
+    the teacher's (``batches``: the unpermuted ones); target ids compared per position as sets, since the
+    order of tied entries follows the (permuted) ids."""
+    inverse = np.argsort(perm)
+    for want, got in zip(batches, cache.iter_batches(), strict=True):
+        assert np.array_equal(inverse[got.input_ids], want.input_ids)
+        assert np.array_equal(got.target_offsets, want.target_offsets)
+        pos = np.repeat(np.arange(got.num_positions), got.target_sizes)
+        back = inverse[got.target_ids]
+        assert np.array_equal(want.target_ids[np.lexsort((want.target_ids, pos))], back[np.lexsort((back, pos))]), \
+            "decoded ids differ from the teacher's after the inverse permutation"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,6 +309,8 @@ def main():
     ap.add_argument("--rows-per-batch", type=int, default=64,
                     help="rows per Arrow record batch (64 x 256 = 16k positions, as one build batch of 8 x 2048)")
     ap.add_argument("--repeats", type=int, default=10, help="timed decode passes; the fastest counts")
+    ap.add_argument("--wide-vocab", type=int, default=152_064,
+                    help="also store the top-k runs with the ids permuted over this many (0: skip)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -357,9 +389,38 @@ def run_all(args, rows: torch.Tensor, tops: dict, workdir: Path) -> None:
         variants[f"coding_{name}"] = {"bytes_per_position": b}
         print(f"  id/value coding {name:<26}{b:8.1f}")
 
+    wide = wide_vocab(args, rows, tops, {r["name"]: r for r in runs}, workdir) if args.wide_vocab else None
+
     summary = {r["name"]: {k: v for k, v in r.items() if k not in ("_cache", "name")} for r in runs}
     print(json.dumps({"bench": "codec", "teacher": str(args.teacher), "vocab_size": V, "positions": positions,
-                      "runs": summary, "decode": speed, "variants": variants}))
+                      "runs": summary, "decode": speed, "variants": variants, "wide_vocab": wide}))
+
+
+def wide_vocab(args, rows: torch.Tensor, tops: dict, narrow: dict, workdir: Path) -> dict:
+    """The top-k runs again with every id permuted over range(args.wide_vocab), printed beside the runs at the
+    teacher's own vocabulary (``narrow``, by name); each cache's ids checked back through the permutation."""
+    positions, tokens, V = len(tops["label"]), rows.numel(), args.wide_vocab
+    wide_rows, wide_tops, perm = permute_ids(rows, tops, V, seed=0)
+    layout = S.Layout(vocab_size=V)
+    print(f"\nthe same distributions with every id mapped through a seeded random permutation of range({V:,}) "
+          f"(ids spread over the whole range, {layout.id_bytes} bytes per id symbol; decoded ids checked back "
+          f"through the inverse permutation):")
+    print(f"{'targets':<10}{'V=' + format(tops['vocab_size'], ','):>10}{'V=' + format(V, ','):>11}{'ratio':>7}"
+          f"{'bits/id':>8}{'(c) DK':>8}{'d/c':>7}{'all cols':>9}{'err p>=1e-4':>12}")
+    print(f"{'':<10}{'B/pos':>10}{'B/pos':>11}{'':>7}{'':>8}{'B/pos':>8}{'':>7}{'B/token':>9}")
+    out = {"vocab_size": V, "id_bytes": layout.id_bytes, "permutation_seed": 0, "runs": {}}
+    for k in (16, 64, 128):
+        sizes = np.full(positions, k)
+        r = measure(f"v{V}_top{k}", make_batches(wide_rows, wide_tops, sizes, args.rows_per_batch), layout, "topk",
+                    workdir, positions, tokens, k_for_baselines=k)
+        check_unpermuted(make_batches(rows, tops, sizes, args.rows_per_batch), r["_cache"], perm)
+        base = narrow[f"top{k}"]["ours_target_bytes_per_position"]
+        wide = r["ours_target_bytes_per_position"]
+        print(f"{'top' + str(k):<10}{base:>10.1f}{wide:>11.1f}{wide / base:>7.3f}{r['ours_bits_per_entry']:>8.2f}"
+              f"{r['distillkit_bytes_per_position']:>8}{r['ratio_vs_distillkit']:>7.3f}"
+              f"{r['ours_all_bytes_per_token']:>9.1f}{r['max_err_p_ge_1e-4']:>12.4f}")
+        out["runs"][f"top{k}"] = {key: v for key, v in r.items() if key not in ("_cache", "name")}
+    return out
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sp
     # largest p_j (>= 1/V); cheaper than a separate logsumexp pass
     lse = top_x[:, :1] - torch.log(p.gather(1, top_ids[:, :1]))  # (n, 1)
     label_lp = x.gather(1, labels[:, None])[:, 0] - lse[:, 0]
-    entropy = lse[:, 0] - torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]  # H = lse - sum p x
+    entropy = (lse - top_x[:, :1])[:, 0] - _shifted_dot(p, x, top_x[:, :1])  # H = lse - sum p x, shifted by max
     if spec.kind == "sample":
         ids, counts = _sample(p, u)
         stored = counts > 0
@@ -264,6 +264,16 @@ def _chunk_targets(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, sp
     rest = 1.0 - torch.where(stored, top_lp.exp(), 0.0).sum(1)
     return dict(sizes=sizes, ids=top_ids[stored], lps=top_lp[stored], counts=None, label=label_lp, rest=rest,
                 entropy=entropy)
+
+
+def _shifted_dot(p: torch.Tensor, x: torch.Tensor, m: torch.Tensor, block: int = 32768) -> torch.Tensor:
+    """(n,) sum_v p[:, v] * (x[:, v] - m): the entropy's dot product over logits shifted by the row max, whose
+    terms are small, so a float32 sum over 262,144 ids stays within ~1e-5 nats (lse - sum p x unshifted
+    loses ~1e-3 to cancellation at V = 152k). Column blocks of ``block`` bound the shifted copy's memory."""
+    out = torch.zeros(len(x), dtype=torch.float32, device=x.device)
+    for a in range(0, x.shape[1], block):
+        out += torch.bmm(p[:, None, a:a + block], (x[:, a:a + block] - m)[:, :, None])[:, 0, 0]
+    return out
 
 
 def _targets_numba(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor, spec: TargetSpec,
