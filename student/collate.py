@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from student.kd_types import IGNORE_INDEX, SparseTargets
+from teachercache.student.kd_types import IGNORE_INDEX, SparseTargets
 from teachercache.errors import CacheFormatError
 
 

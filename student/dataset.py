@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from student import collate as collation
+from teachercache.student import collate as collation
 from teachercache.errors import CacheError, CacheFormatError
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch

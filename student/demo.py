@@ -17,6 +17,7 @@ Every artefact lands in --out: cache/, student-kd/, student-ce/, results.*, loss
 from __future__ import annotations
 
 import json
+import importlib.resources
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from teachercache.errors import check_number
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
+DATA = Path(str(importlib.resources.files("teachercache.bundled")))
+"""The bundled demo teacher and corpus: the repository's data/ folder, installed as package data of
+``teachercache.bundled`` (so ``pip install teachercache`` then ``teachercache demo`` works)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions, echo=print) -> dict:
     """Steps 1-4 of the module docstring; returns the results table as a dict."""
-    from student.options import EvalOptions, KDOptions, ScheduleOptions, TrainOptions
-    from student.train import train
+    from teachercache.student.options import EvalOptions, KDOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import train
     from teachercache.format.cache import Cache
     from teachercache.format.manifest import TargetSpec
     from teachercache.teacher.build import BuildOptions, build_cache
@@ -135,7 +137,7 @@ def evaluate_all(options: DemoOptions, out: Path, walls: dict[str, float], bytes
     seconds of the build and of each student's training)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student.evaluate import evaluate_model
+    from teachercache.student.evaluate import evaluate_model
 
     tokenizer = AutoTokenizer.from_pretrained(out / "cache" / "tokenizer", trust_remote_code=False)
     rows = []
@@ -170,7 +172,7 @@ def plot_curves(out: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from student.train import METRICS_FILE
+    from teachercache.student.train import METRICS_FILE
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, colour in (("student-kd", "tab:blue"), ("student-ce", "tab:orange")):

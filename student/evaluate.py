@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from student.collate import StudentBatch
-from student.kd_types import KDConfig
-from student.losses import sparse_kd_loss
+from teachercache.student.collate import StudentBatch
+from teachercache.student.kd_types import KDConfig
+from teachercache.student.losses import sparse_kd_loss
 from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import MANIFEST_NAME, tokenizer_fingerprint
@@ -162,8 +162,8 @@ class EvalResult:
 def eval_batches(source: str | Path, tokenizer, batch_size: int, seq_len: int, max_rows: int | None):
     """Batches of a cache (StudentBatch: with the teacher's targets) or of a text file (TokenBatch: packed
     rows of ``seq_len`` tokens, next-token labels only), in file order."""
-    from student.collate import collate_rows, collate_tokens
-    from student.dataset import CacheDataset
+    from teachercache.student.collate import collate_rows, collate_tokens
+    from teachercache.student.dataset import CacheDataset
     from teachercache.teacher.corpus import DataOptions, DocumentCounts, iter_packed_rows
 
     path = Path(source)

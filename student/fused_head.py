@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from student.kd_types import KDConfig, SparseTargets, check_inputs, default_weights
-from student.losses import fused_sparse_kd, sparse_kd_reference
+from teachercache.student.kd_types import KDConfig, SparseTargets, check_inputs, default_weights
+from teachercache.student.losses import fused_sparse_kd, sparse_kd_reference
 
 
 class _FusedLinearKD(torch.autograd.Function):

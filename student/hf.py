@@ -32,9 +32,9 @@ from typing import Mapping
 import torch
 from transformers import Trainer
 
-from student.collate import StudentBatch, collate_rows
-from student.kd_types import IGNORE_INDEX, KDConfig
-from student.losses import sparse_kd_loss
+from teachercache.student.collate import StudentBatch, collate_rows
+from teachercache.student.kd_types import IGNORE_INDEX, KDConfig
+from teachercache.student.losses import sparse_kd_loss
 from teachercache import runtime
 
 ROW_KEYS = ("input_ids", "target_mask", "target_offsets", "target_ids", "target_logprobs", "target_counts",

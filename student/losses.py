@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from student.kd_types import LOSSES, PROB_FLOOR, KDConfig, SparseTargets, check_inputs, default_weights
+from teachercache.student.kd_types import LOSSES, PROB_FLOOR, KDConfig, SparseTargets, check_inputs, default_weights
 from teachercache.numerics import LAUNCH_LOCK, exp_row
 
 _LOSS_CODE = {name: i for i, name in enumerate(LOSSES)}

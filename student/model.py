@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from student.hint import resolve_layer_map
-from student.kd_types import KDConfig
+from teachercache.student.hint import resolve_layer_map
+from teachercache.student.kd_types import KDConfig
 from teachercache.errors import TeachercacheError
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import TOKENIZER_DIR, tokenizer_fingerprint

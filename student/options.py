@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from student.kd_types import KDConfig
+from teachercache.student.kd_types import KDConfig
 from teachercache.errors import check_number
 
 

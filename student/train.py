@@ -30,17 +30,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from student.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from student.collate import StudentBatch, collate_rows
-from student.dataset import CacheDataset, make_loader
-from student.evaluate import evaluate_model
-from student.fused_head import fused_linear_sparse_kd
-from student.hint import HintProjector, hint_loss, parse_layer_map
-from student.kd_types import KDConfig, rest_tempering
-from student.losses import sparse_kd_loss
-from student.model import (TrainError, check_fusable, check_student, load_online_teacher, load_student, online_kd_loss,
+from teachercache.student.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from teachercache.student.collate import StudentBatch, collate_rows
+from teachercache.student.dataset import CacheDataset, make_loader
+from teachercache.student.evaluate import evaluate_model
+from teachercache.student.fused_head import fused_linear_sparse_kd
+from teachercache.student.hint import HintProjector, hint_loss, parse_layer_map
+from teachercache.student.kd_types import KDConfig, rest_tempering
+from teachercache.student.losses import sparse_kd_loss
+from teachercache.student.model import (TrainError, check_fusable, check_student, load_online_teacher, load_student, online_kd_loss,
                            student_tokenizer)
-from student.options import ScheduleOptions, TrainOptions
+from teachercache.student.options import ScheduleOptions, TrainOptions
 from teachercache.format.cache import Cache
 from teachercache.format.outputs import check_output, hold_lock, options_record, write_marker
 from teachercache.runtime import pad_id, rank_and_world, resolve_device

@@ -10,7 +10,7 @@ cache); ``errors``, ``numerics`` and ``runtime`` serve them all; ``cli`` sits on
 package (training from a cache) sits between these and the CLI.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from teachercache import compat as _compat
 

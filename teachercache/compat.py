@@ -1,10 +1,12 @@
-"""Import paths of release 0.1 that moved, kept working for one release.
+"""Import paths that moved, kept working for one release (0.1's flat modules, 0.2's top-level ``student``).
 
 Release 0.2 grouped the flat ``teachercache`` package into subpackages by concern (format, teacher,
-inspect, interop, blackbox; the losses went to ``student.losses``). ``import teachercache.cache`` and
-``from teachercache.kernels import KDConfig`` still work: a finder on ``sys.meta_path`` answers each old
+inspect, interop, blackbox; the losses went to ``student.losses``). Release 0.3 installs the student
+package as ``teachercache.student`` (no generic top-level ``student`` in site-packages). ``import
+teachercache.cache``, ``from teachercache.kernels import KDConfig`` and, once ``teachercache`` is imported,
+``from student.hf import DistillationTrainer`` still work: a finder on ``sys.meta_path`` answers each old
 name with a module that forwards every attribute to the new module (with the few renamed attributes
-mapped), and warns once with a DeprecationWarning naming the new path. Remove in release 0.3.
+mapped), and warns once with a DeprecationWarning naming the new path. Remove in release 0.4.
 """
 
 from __future__ import annotations
@@ -45,13 +47,19 @@ MOVED: dict[str, tuple[str, dict[str, str]]] = {
     "teachercache.templates": ("teachercache.blackbox.templates", {}),
     "teachercache.generate": ("teachercache.blackbox.generate", {}),
     "teachercache.stepbystep": ("teachercache.blackbox.stepbystep", {}),
-    "teachercache.kernels": ("student.losses", {"TAILS": "student.kd_types:TAILS",
-                                                "fused_linear_sparse_kd": "student.fused_head:fused_linear_sparse_kd",
-                                                "_FusedLinearKD": "student.fused_head:_FusedLinearKD"}),
-    "student.data": ("student.dataset", {"collate_rows": "student.collate:collate_rows",
-                                         "check_row": "student.collate:check_row",
-                                         "IGNORE_INDEX": "student.collate:IGNORE_INDEX"}),
+    "teachercache.kernels": ("teachercache.student.losses", {
+        "TAILS": "teachercache.student.kd_types:TAILS",
+        "fused_linear_sparse_kd": "teachercache.student.fused_head:fused_linear_sparse_kd",
+        "_FusedLinearKD": "teachercache.student.fused_head:_FusedLinearKD"}),
+    "student.data": ("teachercache.student.dataset", {"collate_rows": "teachercache.student.collate:collate_rows",
+                                                      "check_row": "teachercache.student.collate:check_row",
+                                                      "IGNORE_INDEX": "teachercache.student.collate:IGNORE_INDEX"}),
     "student.cli": ("teachercache.cli.student", {}),
+    # release 0.3: the student package installs as teachercache.student (no top-level ``student``)
+    "student": ("teachercache.student", {}),
+    **{f"student.{name}": (f"teachercache.student.{name}", {}) for name in (
+        "checkpoints", "collate", "dataset", "demo", "evaluate", "fused_head", "hf", "hint", "kd_types", "losses",
+        "model", "options", "train")},
 }
 """``teachercache.inspect`` itself (once a module, now the inspection package) re-exports the old
 module's functions in its ``__init__``, so it is not listed here."""
@@ -75,7 +83,7 @@ class _Forward(types.ModuleType):
 class _Loader(importlib.abc.Loader):
     def create_module(self, spec):
         new_name, renamed = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new_name}; the old path goes in teachercache 0.3",
+        warnings.warn(f"{spec.name} moved to {new_name}; the old path goes in teachercache 0.4",
                       DeprecationWarning, stacklevel=3)
         return _Forward(spec.name, importlib.import_module(new_name), renamed)
 
@@ -91,6 +99,6 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` once (called by the ``teachercache`` and ``student`` packages)."""
+    """Put the finder on ``sys.meta_path`` once (called by the ``teachercache`` package)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

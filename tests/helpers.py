@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from student.losses import PROB_FLOOR, KDConfig, SparseTargets
+from teachercache.student.losses import PROB_FLOOR, KDConfig, SparseTargets
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
 from teachercache.format.cache import CacheWriter

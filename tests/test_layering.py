@@ -2,6 +2,8 @@
 
     format  <-  teacher, inspect, interop  <-  student  <-  cli        (blackbox: beside, no cache)
 
+(``student`` is the repository's student/ folder, installed as ``teachercache.student``.)
+
 Each failure names the file, the line and the import that breaks a rule.
 """
 
@@ -26,17 +28,20 @@ ALLOWED = {  # layer -> the layers its modules may import (besides the standard 
     "teachercache.inspect": {"teachercache.format", "teachercache.inspect"},
     "teachercache.interop": {"teachercache.format", "teachercache.inspect", "teachercache.interop"},
     "teachercache.blackbox": {"teachercache.blackbox", "teachercache.runtime"},
-    "student": {"student", "teachercache.format", "teachercache.teacher", "teachercache.numerics",
-                "teachercache.runtime"},
+    "teachercache.student": {"teachercache.student", "teachercache.format", "teachercache.teacher",
+                             "teachercache.numerics", "teachercache.runtime"},
     "teachercache.__main__": {"teachercache.cli"},
     "teachercache.cli": {"teachercache.cli", "teachercache.format", "teachercache.teacher", "teachercache.inspect",
-                         "teachercache.interop", "teachercache.blackbox", "teachercache.runtime", "student"},
+                         "teachercache.interop", "teachercache.blackbox", "teachercache.runtime",
+                         "teachercache.student"},
 }
 NO_TORCH = ("teachercache.format", "teachercache.errors", "teachercache.compat")
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "student":   # the folder installs as teachercache.student (pyproject's package-dir)
+        parts = ["teachercache"] + parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -73,7 +78,7 @@ def test_every_import_respects_the_layers():
             targets = [module] + [f"{module}.{n}" for n in names]
             if own.startswith(NO_TORCH) and (module == "torch" or module.startswith("torch.")):
                 broken.append(f"{path.relative_to(ROOT)}:{line}: imports {module} ({own} imports no torch)")
-            if not module.startswith(("teachercache", "student")) or module in BASE:
+            if not module.startswith("teachercache") or module in BASE:
                 continue
             layer = _layer(next((t for t in reversed(targets) if _layer(t)), module))
             if layer is not None and layer != own and layer not in ALLOWED[own]:
@@ -85,13 +90,13 @@ def test_every_import_respects_the_layers():
 def test_no_module_imports_a_private_name_of_another():
     found = [f"{path.relative_to(ROOT)}:{line}: from {module} import {name}"
              for path in _sources() for line, module, names in _imports(path) for name in names
-             if name.startswith("_") and not name.startswith("__") and module.startswith(("teachercache", "student"))]
+             if name.startswith("_") and not name.startswith("__") and module.startswith("teachercache")]
     assert found == []
 
 
 def test_the_format_loads_without_torch():
     code = ("import sys; import teachercache.format.cache, teachercache.format.codec, teachercache.errors; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('student')))")
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('teachercache.student')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

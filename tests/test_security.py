@@ -84,7 +84,7 @@ def test_the_scan_would_catch_them():
 def test_trust_remote_code_is_off_unless_asked_for():
     import click
 
-    from student.options import TrainOptions
+    from teachercache.student.options import TrainOptions
     from teachercache.cli.cache import build_command
     from teachercache.cli.student import eval_command, train_command
     from teachercache.teacher.build import BuildOptions

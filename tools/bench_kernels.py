@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from student.fused_head import fused_linear_sparse_kd
-from student.losses import KDConfig, SparseTargets, sparse_kd_loss
+from teachercache.student.fused_head import fused_linear_sparse_kd
+from teachercache.student.losses import KDConfig, SparseTargets, sparse_kd_loss
 
 
 def make_targets(n: int, vocab: int, kind: str, seed: int = 0):

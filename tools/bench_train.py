@@ -57,8 +57,8 @@ def build_caches(work: Path, docs: int, seq_len: int) -> None:
 def child(work: Path, mode: str, student: str, steps: int, batch: int) -> None:
     import torch
 
-    from student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
-    from student.train import METRICS_FILE, train
+    from teachercache.student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import METRICS_FILE, train
 
     torch.manual_seed(0)
     kw = dict(MODES[mode])

@@ -71,9 +71,9 @@ import numpy as np
 import torch
 import transformers
 
-from student.fused_head import fused_linear_sparse_kd
-from student.kd_types import IGNORE_INDEX, PROB_FLOOR, KDConfig, SparseTargets
-from student.losses import sparse_kd_loss
+from teachercache.student.fused_head import fused_linear_sparse_kd
+from teachercache.student.kd_types import IGNORE_INDEX, PROB_FLOOR, KDConfig, SparseTargets
+from teachercache.student.losses import sparse_kd_loss
 from teachercache.cli.options import field_docs
 from teachercache.format.manifest import TargetSpec
 from teachercache.format.quantizer import logprob_table, quantize_reference
@@ -691,7 +691,7 @@ def check_build(work: Path, sizes: Sizes, device: torch.device, report: Report) 
 def timed_step(run, device: torch.device) -> tuple[float, int | None]:
     """Seconds of one synchronised optimizer step of student.train, and on CUDA the peak memory it allocated
     beyond what was allocated before it (activations, logits, loss and gradients; not weights or states)."""
-    from student.train import optimizer_step
+    from teachercache.student.train import optimizer_step
 
     sync(device)
     base = None
@@ -709,8 +709,8 @@ def time_modes(cache: Path, student: Path, work: Path, sizes: Sizes, device: tor
     """Every mode's run set up side by side (same student weights, seed and rows), warm-up steps, then the
     timed steps interleaved (ce, kd, kd_fused, ce, ...) so that a slow minute hurts every mode alike; per
     mode the fastest and the median step and the largest extra peak memory (CUDA)."""
-    from student.options import LoaderOptions, ScheduleOptions, TrainOptions
-    from student.train import set_up
+    from teachercache.student.options import LoaderOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import set_up
 
     runs = {name: set_up(TrainOptions(cache=str(cache), student=str(student), out=str(work / f"run-{name}"),
                                       device=device.type, schedule=ScheduleOptions(steps=10**6,
@@ -743,7 +743,7 @@ def time_modes(cache: Path, student: Path, work: Path, sizes: Sizes, device: tor
 
 def check_train(cache: Path, work: Path, sizes: Sizes, device: torch.device) -> dict:
     """(c): CE-only vs cached top-k KD vs the same with the fused head, on the same student and rows."""
-    from student.options import KDOptions
+    from teachercache.student.options import KDOptions
 
     student = work / "student.json"
     llama(sizes.vocab, sizes.student_hidden, sizes.student_layers, sizes.student_intermediate, sizes.student_heads,

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student.kd_types import SparseTargets, rest_tempering
+from teachercache.student.kd_types import SparseTargets, rest_tempering
 
 ROOT = Path(__file__).resolve().parents[1]
 

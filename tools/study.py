@@ -97,9 +97,9 @@ def _column_bytes(cache) -> dict:
 def run_arm(work: Path, arm: str, seed: int, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student.evaluate import evaluate_model
-    from student.options import HintOptions, KDOptions, ScheduleOptions, TrainOptions
-    from student.train import METRICS_FILE, train
+    from teachercache.student.evaluate import evaluate_model
+    from teachercache.student.options import HintOptions, KDOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import METRICS_FILE, train
 
     kw = dict(ARMS[arm])
     cache = work / "caches" / kw.pop("cache")

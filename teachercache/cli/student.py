@@ -10,10 +10,10 @@ import json
 
 import click
 
-from student.demo import DemoOptions
-from student.hint import HINT_KINDS
-from student.kd_types import LOSSES, TAILS
-from student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
+from teachercache.student.demo import DemoOptions
+from teachercache.student.hint import HINT_KINDS
+from teachercache.student.kd_types import LOSSES, TAILS
+from teachercache.student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
                              TrainOptions)
 from teachercache.cli.options import (device_option, field_option, progress_option, runtime_options, split_groups,
                                       trust_remote_code_option)
@@ -68,7 +68,7 @@ def train_command(**values):
 
     Example: teachercache train --cache /tmp/demo-cache --student llama-small --out /tmp/student --steps 200
     """
-    from student.train import train
+    from teachercache.student.train import train
 
     top, groups = split_groups(values)
     options = TrainOptions(**top, **{name: GROUPS[name](**fields) for name, fields in groups.items()})
@@ -99,7 +99,7 @@ def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_jso
 
     Example: teachercache eval --model /tmp/student --data data/corpus/valid.parquet --max-rows 64
     """
-    from student.evaluate import evaluate_model, load_model
+    from teachercache.student.evaluate import evaluate_model, load_model
 
     model, tokenizer, dev = load_model(model_path, device, trust_remote_code)
     result = evaluate_model(model, data, tokenizer, batch_size=batch_size, seq_len=seq_len, max_rows=max_rows,
@@ -126,7 +126,7 @@ def demo_command(**options):
 
     Example: teachercache demo --out runs/demo
     """
-    from student.demo import run_demo
+    from teachercache.student.demo import run_demo
 
     run_demo(DemoOptions(**options), echo=click.echo)
 

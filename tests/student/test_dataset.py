@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import random_batch, write_cache
 
-from student.collate import IGNORE_INDEX, StudentBatch, TokenBatch, collate_rows, collate_tokens
-from student.dataset import CacheDataset, consumer_rows, make_loader, rows_delivered, shuffle_buffer_order
-from student.losses import SparseTargets
+from teachercache.student.collate import IGNORE_INDEX, StudentBatch, TokenBatch, collate_rows, collate_tokens
+from teachercache.student.dataset import CacheDataset, consumer_rows, make_loader, rows_delivered, shuffle_buffer_order
+from teachercache.student.losses import SparseTargets
 from teachercache.errors import CacheError, CacheFormatError
 from teachercache.format import schema as S
 from teachercache.format.cache import Cache

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from student.evaluate import EvalError, evaluate_model
+from teachercache.student.evaluate import EvalError, evaluate_model
 from teachercache.cli import main
 from teachercache.format import schema as S
 from teachercache.format.cache import Cache, CacheWriter

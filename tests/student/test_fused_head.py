@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import sparse_case
 
-from student.fused_head import fused_linear_sparse_kd
-from student.losses import KDConfig, sparse_kd_loss
+from teachercache.student.fused_head import fused_linear_sparse_kd
+from teachercache.student.losses import KDConfig, sparse_kd_loss
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TrainingArguments
 
-from student.collate import StudentBatch
-from student.dataset import CacheDataset
-from student.hf import BATCH_KEY, CacheCollator, DistillationTrainer, hf_labels
-from student.losses import KDConfig, SparseTargets, sparse_kd_loss
-from student.model import load_student
+from teachercache.student.collate import StudentBatch
+from teachercache.student.dataset import CacheDataset
+from teachercache.student.hf import BATCH_KEY, CacheCollator, DistillationTrainer, hf_labels
+from teachercache.student.losses import KDConfig, SparseTargets, sparse_kd_loss
+from teachercache.student.model import load_student
 from teachercache.format.manifest import TargetSpec
 from teachercache.teacher.build import BuildOptions, build_cache
 from teachercache.teacher.corpus import DataOptions

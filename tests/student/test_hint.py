@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.hint import HintConfigError, HintProjector, hint_loss, parse_layer_map, resolve_layer_map
+from teachercache.student.hint import HintConfigError, HintProjector, hint_loss, parse_layer_map, resolve_layer_map
 
 
 def test_parse_layer_map():

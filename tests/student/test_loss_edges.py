@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import dense_reference, sparse_case
 
-from student.fused_head import fused_linear_sparse_kd
-from student.kd_types import (CHECKS, IGNORE_INDEX, LOSSES, KDConfig, SparseTargets, _first_failure,
+from teachercache.student.fused_head import fused_linear_sparse_kd
+from teachercache.student.kd_types import (CHECKS, IGNORE_INDEX, LOSSES, KDConfig, SparseTargets, _first_failure,
                               _first_failure_torch, check_inputs, rest_tempering)
-from student.losses import sparse_kd_loss
+from teachercache.student.losses import sparse_kd_loss
 
 TAILED = [loss for loss in LOSSES if loss != "sampled_ce"]
 SWEEP_CONFIGS = [KDConfig(loss=loss, tail=tail) for loss in TAILED for tail in ("rest", "renormalize")] + [

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student.kd_types import KDConfig, SparseTargets
-from student.losses import sparse_kd_loss
+from teachercache.student.kd_types import KDConfig, SparseTargets
+from teachercache.student.losses import sparse_kd_loss
 
 N, V = 12, 40
 

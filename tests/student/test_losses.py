@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import dense_reference, sparse_case
 
-from student.losses import LOSSES, KDConfig, SparseTargets, default_weights, sparse_kd_loss, sparse_kd_reference
+from teachercache.student.losses import LOSSES, KDConfig, SparseTargets, default_weights, sparse_kd_loss, sparse_kd_reference
 
 TAILED = [loss for loss in LOSSES if loss != "sampled_ce"]
 

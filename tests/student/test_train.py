@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student.checkpoints import latest_checkpoint
-from student.evaluate import evaluate_model
-from student.model import TrainError, load_student
-from student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
+from teachercache.student.checkpoints import latest_checkpoint
+from teachercache.student.evaluate import evaluate_model
+from teachercache.student.model import TrainError, load_student
+from teachercache.student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
                              TrainOptions)
-from student.train import train
+from teachercache.student.train import train
 from teachercache.errors import TeachercacheError
 from teachercache.format.manifest import TargetSpec
 from teachercache.teacher.build import BuildOptions, build_cache

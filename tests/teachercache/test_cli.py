@@ -44,7 +44,7 @@ def test_flag_defaults_and_help_come_from_the_options_dataclasses():
 
     from click import Context
 
-    from student.options import TrainOptions
+    from teachercache.student.options import TrainOptions
     from teachercache.cli.options import field_docs, split_groups
     from teachercache.cli.student import GROUPS, train_command
 
@@ -66,7 +66,7 @@ def test_flag_defaults_and_help_come_from_the_options_dataclasses():
 
 def test_train_flags_reach_the_nested_options(tmp_path, monkeypatch):
     """--ce-alpha, --lr, --no-shuffle and --eval-every land in kd, schedule, loader and eval."""
-    import student.train
+    import teachercache.student.train
 
     seen = {}
 
@@ -74,7 +74,7 @@ def test_train_flags_reach_the_nested_options(tmp_path, monkeypatch):
         seen["options"] = options
         raise SystemExit(0)
 
-    monkeypatch.setattr(student.train, "train", capture)
+    monkeypatch.setattr(teachercache.student.train, "train", capture)
     result = CliRunner().invoke(main, ["train", "--cache", str(tmp_path), "--student", "llama-tiny", "--out",
                                        str(tmp_path / "o"), "--ce-alpha", "0.25", "--lr", "0.01", "--no-shuffle",
                                        "--eval-every", "7", "--skew-alpha", "0.2", "--hint-layers", "1:2"])

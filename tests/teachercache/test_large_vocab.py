@@ -38,8 +38,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
-from student.train import train
+from teachercache.student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+from teachercache.student.train import train
 from teachercache.format import schema as S
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import TargetSpec

@@ -70,10 +70,10 @@ def test_build_masks_answers_only_and_train(answers):
     import torch
     from transformers import AutoTokenizer
 
-    from student.collate import IGNORE_INDEX, collate_rows
-    from student.dataset import CacheDataset
-    from student.options import KDOptions, ScheduleOptions, TrainOptions
-    from student.train import train
+    from teachercache.student.collate import IGNORE_INDEX, collate_rows
+    from teachercache.student.dataset import CacheDataset
+    from teachercache.student.options import KDOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import train
 
     root, teacher, outs = answers
     cache_dir = root / "cache"

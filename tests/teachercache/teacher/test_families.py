@@ -17,9 +17,9 @@ import torch
 from families import FAMILIES, HEAD_ONLY, Family, head_rows, make_model, make_teacher, write_documents
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student.model import TrainError, check_fusable
-from student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
-from student.train import train
+from teachercache.student.model import TrainError, check_fusable
+from teachercache.student.options import KDOptions, LoaderOptions, ScheduleOptions, TrainOptions
+from teachercache.student.train import train
 from teachercache.format.cache import Cache
 from teachercache.format.manifest import TargetSpec
 from teachercache.inspect.rows import iter_cache_rows
