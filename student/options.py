@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from teachercache.student.kd_types import KDConfig
-from teachercache.errors import check_number
+from teachercache.errors import OptionError, check_number
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+"""Where --report-to also sends the metrics of metrics.jsonl (student.tracking)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,9 @@ class TrainOptions:
     """Seed of the weights of a fresh student, the shuffle and every RNG."""
     log_every: int = 10
     """Write metrics every N steps."""
+    report_to: str = "none"
+    """Also send every logged metric to: none, tensorboard (event files in the output directory's runs/) or
+    wandb (offline unless WANDB_MODE or WANDB_API_KEY is set)."""
     max_nonfinite_steps: int = 1
     """Stop after this many consecutive steps whose loss or gradient is NaN/inf (each is skipped without
     an update; the run ends with an error naming the step and the last good checkpoint)."""
@@ -192,6 +198,9 @@ class TrainOptions:
     def __post_init__(self):
         check_number("train", "chunk_size (--chunk-size)", self.chunk_size, low=1, integer=True)
         check_number("train", "log_every (--log-every)", self.log_every, low=1, integer=True)
+        if self.report_to not in REPORT_TO:
+            raise OptionError(f"train: report_to (--report-to) must be one of {', '.join(REPORT_TO)}, "
+                              f"got {self.report_to!r}")
         check_number("train", "max_nonfinite_steps (--max-nonfinite-steps)", self.max_nonfinite_steps, low=1,
                      integer=True)
 

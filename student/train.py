@@ -5,9 +5,9 @@ warmup + cosine schedule, and resumes from the latest checkpoint (student.checkp
 ``optimizer_step`` takes ``grad_accum`` micro-batches (student.collate.StudentBatch), weighs every target
 position by 1 / (positions in the global step, all micro-batches and ranks: one all-reduce), runs
 ``micro_batch_loss`` = ce_alpha·CE + kd_alpha·T²·KD (+ hint_alpha·hint) and backward on each, sums the
-gradients over ranks, clips and steps; ``after_step`` logs ``metrics.jsonl``, evaluates
-(student.evaluate) and writes checkpoints. At the end the student is saved with ``save_pretrained``
-beside its tokenizer, φ and ``training_summary.json``.
+gradients over ranks, clips and steps; ``after_step`` logs ``metrics.jsonl`` (and sends it to --report-to's
+reporter, student.tracking), evaluates (student.evaluate) and writes checkpoints. At the end the student is
+saved with ``save_pretrained`` beside its tokenizer, φ and ``training_summary.json``.
 
 Multi-process: run under ``torchrun`` (gloo on CPU, NCCL on CUDA: teachercache.runtime). Gradients are
 summed with explicit all-reduces rather than a DistributedDataParallel wrapper, so the fused-head path
@@ -41,6 +41,7 @@ from teachercache.student.losses import sparse_kd_loss
 from teachercache.student.model import (TrainError, check_fusable, check_student, load_online_teacher, load_student, online_kd_loss,
                            student_tokenizer)
 from teachercache.student.options import ScheduleOptions, TrainOptions
+from teachercache.student.tracking import check_reporter, open_reporter
 from teachercache.format.cache import Cache
 from teachercache.format.outputs import check_output, hold_lock, options_record, write_marker
 from teachercache.runtime import pad_id, rank_and_world, resolve_device
@@ -53,7 +54,7 @@ PARTS = ("loss", "ce", "kd", "hint")
 """The summed loss terms of a step, as logged."""
 RESUME_SAFE = frozenset({"out", "progress", "log_every", "device", "trust_remote_code", "max_nonfinite_steps",
                          "eval.data", "eval.every", "eval.rows", "eval.seq_len", "checkpoints.every",
-                         "checkpoints.keep", "checkpoints.resume"})
+                         "checkpoints.keep", "checkpoints.resume", "report_to"})
 """Options a resumed run may change: they decide neither the data, its order, nor the updates. Any other
 difference from the run's recorded options (its marker) is refused (docs/train.md)."""
 
@@ -159,6 +160,7 @@ class Run:
     lock: object = None                  # rank 0: the open file holding --out's lock
     nonfinite: int = 0                   # consecutive steps skipped for a non-finite loss or gradient
     rest_checked: bool = False           # the once-per-run warning about the rest bucket at T != 1
+    reporter: object = None              # rank 0: where --report-to sends the metrics (student.tracking)
 
 
 def prepare_student(options: TrainOptions, cache: Cache, device: torch.device):
@@ -186,6 +188,7 @@ def set_up(options: TrainOptions) -> Run:
     out = Path(options.out)
     record = options_record(options, RESUME_SAFE)
     check_output(out, "student", record=record, resume=options.checkpoints.resume)
+    check_reporter(options.report_to)   # a missing package is named before anything loads
     cache = Cache.open(options.cache)
     config = kd_config(options, cache.layout.sampled)
     tokenizer, model, projector, hint_pairs = prepare_student(options, cache, device)
@@ -373,6 +376,8 @@ def after_step(run: Run, record: dict, metrics) -> dict | None:
     if metrics is not None and (step % options.log_every == 0 or result is not None or last):
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        if run.reporter is not None:
+            run.reporter.log(record)
     if options.checkpoints.every and step % options.checkpoints.every == 0:
         if run.rank == 0:
             if not _all_finite(run.params):
@@ -400,6 +405,8 @@ def train(options: TrainOptions) -> TrainResult:
     try:
         return _train(run, started)
     finally:
+        if run.reporter is not None:
+            run.reporter.close()
         if run.lock is not None:
             run.lock.close()
 
@@ -409,6 +416,7 @@ def _train(run: Run, started: float) -> TrainResult:
     if run.rank == 0:
         _truncate_metrics(run.out / METRICS_FILE, run.state.step)
     metrics = open(run.out / METRICS_FILE, "a") if run.rank == 0 else None
+    run.reporter = open_reporter(options, run.out, run.state.step) if run.rank == 0 else None
     bar = _progress(options, run.state.step, run.rank)
     last_loss, last_eval = float("nan"), None
     run.model.train()

@@ -3,7 +3,8 @@
 Each command maps its flags onto one options object and one library call, and prints the result.
 Errors the user can cause are TeachercacheError subclasses; the group turns them into one line on
 stderr and exit code 1. Commands: ``cache`` (build, inspect and interop commands), ``blackbox``
-(generate, stepbystep), ``student`` (train, eval, demo); shared flags in ``options``.
+(generate, stepbystep), ``student`` (train, eval, demo); shared flags in ``options``; ``config``: the
+``--config`` files and the config.yaml that build, train and demo save.
 """
 
 from __future__ import annotations

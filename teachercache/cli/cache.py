@@ -7,6 +7,7 @@ import json
 
 import click
 
+from teachercache.cli.config import ConfigCommand, config_option, save_config
 from teachercache.cli.options import (FiniteFloatRange, dtype_option, field_docs, field_option, overwrite_option,
                                       runtime_options, split_groups)
 from teachercache.format.schema import HIDDEN_DTYPES, TARGET_KINDS
@@ -39,7 +40,8 @@ def _bad_records(ctx, param, value):
     return value
 
 
-@click.command("build")
+@click.command("build", cls=ConfigCommand)
+@config_option("data, targets")
 @field_option(BuildOptions, "teacher", "--teacher", required=True)
 @click.option("--data", "data__paths", required=True, multiple=True,
               help="Input: .jsonl/.json/.parquet/.txt/.arrow file (.jsonl/.json/.txt also as .gz or .zst) or a "
@@ -81,6 +83,7 @@ def build_command(shard_mb, **values):
     \b
     Example:
       teachercache build --teacher data/teacher --data data/corpus/valid.parquet --out /tmp/demo-cache --seq-len 256
+      teachercache build --config /tmp/demo-cache/config.yaml --out /tmp/demo-cache-2   # the same build again
     """
     from teachercache.teacher.build import build_cache
 
@@ -89,6 +92,7 @@ def build_command(shard_mb, **values):
     options = BuildOptions(**top, data=data, targets=TargetOptions(**groups["targets"]).spec(),
                            shard_bytes=max(1, int(shard_mb * (1 << 20))))
     result = build_cache(options)
+    save_config(options.out)   # beside the complete cache: --config of it builds the same cache again
     if result.rows:
         click.echo(f"{options.out}: {result.rows:,} rows, {result.tokens:,} tokens, "
                    f"{result.bytes / result.tokens:.1f} bytes/token, {result.seconds:.1f} s "

@@ -14,7 +14,8 @@ from teachercache.student.demo import DemoOptions
 from teachercache.student.hint import HINT_KINDS
 from teachercache.student.kd_types import LOSSES, TAILS
 from teachercache.student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
-                             TrainOptions)
+                             TrainOptions, REPORT_TO)
+from teachercache.cli.config import ConfigCommand, config_option, save_config
 from teachercache.cli.options import (device_option, field_option, progress_option, runtime_options, split_groups,
                                       trust_remote_code_option)
 
@@ -27,7 +28,8 @@ def _in(group: str, name: str, *decls: str, **kwargs):
     return field_option(GROUPS[group], name, *decls, dest=f"{group}__{name}", **kwargs)
 
 
-@click.command("train")
+@click.command("train", cls=ConfigCommand)
+@config_option("schedule, kd, hint, loader, eval, checkpoints")
 @field_option(TrainOptions, "cache", "--cache", required=True, type=click.Path(file_okay=False))
 @field_option(TrainOptions, "student", "--student", required=True)
 @field_option(TrainOptions, "out", "--out", required=True, type=click.Path(file_okay=False))
@@ -60,6 +62,7 @@ def _in(group: str, name: str, *decls: str, **kwargs):
 @_in("loader", "shuffle", "--shuffle/--no-shuffle")
 @_in("loader", "num_workers", "--num-workers", type=click.IntRange(min=0))
 @field_option(TrainOptions, "log_every", "--log-every", type=click.IntRange(min=1))
+@field_option(TrainOptions, "report_to", "--report-to", type=click.Choice(REPORT_TO))
 @field_option(TrainOptions, "max_nonfinite_steps", "--max-nonfinite-steps", type=click.IntRange(min=1))
 @field_option(TrainOptions, "online_teacher", "--online-teacher")
 @runtime_options(TrainOptions, "student")
@@ -73,6 +76,8 @@ def train_command(**values):
     top, groups = split_groups(values)
     options = TrainOptions(**top, **{name: GROUPS[name](**fields) for name, fields in groups.items()})
     result = train(options)
+    if not result.complete:   # a complete run resumed again keeps the config.yaml it wrote
+        save_config(result.out)
     if result.complete:
         click.echo(f"{result.out}: the run is already complete ({result.steps} steps, last loss "
                    f"{result.final_loss:.4f}); nothing to resume")
@@ -112,7 +117,8 @@ def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_jso
             click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
 
 
-@click.command("demo")
+@click.command("demo", cls=ConfigCommand)
+@config_option()
 @field_option(DemoOptions, "out", "--out", type=click.Path(file_okay=False))
 @field_option(DemoOptions, "steps", "--steps")
 @field_option(DemoOptions, "max_docs", "--max-docs", type=int)
@@ -129,6 +135,7 @@ def demo_command(**options):
     from teachercache.student.demo import run_demo
 
     run_demo(DemoOptions(**options), echo=click.echo)
+    save_config(options["out"])
 
 
 COMMANDS = (train_command, eval_command, demo_command)

@@ -360,7 +360,7 @@ def _prepare_dir(options: BuildOptions, rank: int, record: dict):
 def _clear(out: Path) -> None:
     """Delete a cache's own entries (manifest, shards/, tokenizer/, state/ but its held lock files, the marker,
     skipped.jsonl, temporary files of theirs); anything else in the directory stays."""
-    doomed = [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR, MARKER, SKIPPED_NAME)]
+    doomed = [out / name for name in (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR, MARKER, SKIPPED_NAME, "config.yaml")]
     doomed += [p for p in (out / STATE_DIR).iterdir() if p.suffix != ".lock"]  # lock files stay: they are held
     doomed += [*out.glob(f"{MANIFEST_NAME}.partial-*"), *out.glob(f"{MARKER}.tmp-*")]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -13,8 +14,10 @@ from teachercache.inspect.verify import verify_cache
 
 def test_demo_writes_a_verified_cache_students_a_table_and_a_plot(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "6", "--max-docs", "2",
-                                       "--eval-every", "3", "--eval-rows", "12", "--no-progress"])
+    config = tmp_path / "demo.yaml"
+    config.write_text("steps: 6\nmax-docs: 2\neval_every: 100\n")   # --eval-every given below wins
+    result = CliRunner().invoke(main, ["demo", "--config", str(config), "--out", str(out), "--eval-every", "3",
+                                       "--eval-rows", "12", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert verify_cache(out / "cache") == []
     for name in ("student-kd", "student-ce"):
@@ -36,3 +39,7 @@ def test_demo_writes_a_verified_cache_students_a_table_and_a_plot(tmp_path):
     assert f"{rows['teacher']['perplexity']:.2f}" in table and table in result.output + "\n"
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the options the job ran with, the file's and the flags', saved beside its output
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {
+        "out": str(out), "steps": 6, "max_docs": 2, "student": "llama-small", "eval_every": 3, "eval_rows": 12,
+        "progress": False}
