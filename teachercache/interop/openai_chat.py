@@ -8,21 +8,8 @@ has an example line of each):
 * an OpenAI Batch **output** file with its Batch **input** file (``requests``, ``--requests``): the input
   lines hold the messages, the output lines the answers, joined on ``custom_id`` (not on line order).
 
-The shapes are those of OpenAI's API reference, as its OpenAPI spec (github.com/openai/openai-openapi,
-``openapi.yaml``) defines them:
-
-* "The chat completion object" (``CreateChatCompletionResponse``; platform.openai.com/docs/api-reference/
-  chat/object): ``choices[0].message`` has ``content``, ``refusal`` and ``tool_calls``, each may be null;
-  ``choices[0].logprobs`` is null unless the request set ``logprobs: true``, else ``{"content": [...] | null,
-  "refusal": [...] | null}``, lists of ``ChatCompletionTokenLogprob`` (``token``, ``logprob``, ``bytes``,
-  ``top_logprobs``); ``finish_reason`` is stop, length, tool_calls, content_filter or function_call.
-* "The request input object" (``BatchRequestInput``; .../api-reference/batch/request-input): ``custom_id``
-  (unique within a batch), ``method`` POST, ``url`` /v1/chat/completions, ``body`` (the request: ``model``,
-  ``messages``, ``logprobs``, ``top_logprobs``).
-* "The request output object" (``BatchRequestOutput``; .../api-reference/batch/request-output), the line of
-  a Batch's output file and of its error file: ``id``, ``custom_id``, ``response`` (null, or ``status_code``,
-  ``request_id`` and ``body``: the chat completion, or ``{"error": {message, type, param, code}}`` when the
-  status is not 2xx) and ``error`` (null, or ``{code, message}`` for a request that failed without a response).
+The shapes of the lines (OpenAI's chat completion, Batch request input and output objects) and the skip
+reasons are described and read in teachercache.interop.api_lines.
 
 A line that cannot become a row is skipped and counted by reason (``SKIP_REASONS``, reported by
 ``ApiImportReport.summary``): a failed Batch request, a refusal, a tool call, a content-filtered or empty
@@ -43,38 +30,21 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from teachercache.errors import TeachercacheError
 from teachercache.format import schema as S
 from teachercache.format.cache import CacheWriter
 from teachercache.format.manifest import (TOKENIZER_DIR, DataInfo, TargetSpec, TeacherInfo, TokenizerInfo,
                                           tokenizer_fingerprint)
 from teachercache.format.shards import file_sha256
-from teachercache.interop.logprobs import (ENTROPY_NOTE, ImportedRow, check_output, imported_batch, jsonl_records,
-                                           prepare_output, read_tokenizer)
+from teachercache.interop.api_lines import (SKIP_REASONS, UNKNOWN_ID, UNMAPPED, Answer, ImportApiError, Skip,
+                                            iter_lines, read_requests)
+from teachercache.interop.logprobs import (ENTROPY_NOTE, ImportedRow, check_output, imported_batch, prepare_output,
+                                           read_tokenizer)
 
-FAILED, REFUSAL, TOOL_CALL = "failed request", "refusal", "tool call"
-CONTENT_FILTER, EMPTY, UNKNOWN_ID, UNMAPPED = "content filter", "empty answer", "unknown custom_id", "unmapped token"
-SKIP_REASONS = {   # why a line is skipped -> what the user can do about it (the --strict error says it)
-    FAILED: "the request failed, so there is no answer: rerun it (a Batch lists its failed requests in its "
-            "error file) and import the new output, or drop the line",
-    REFUSAL: "the model refused, so there are no answer tokens (logprobs.content is null): drop the line",
-    TOOL_CALL: "the answer is a tool call, whose arguments get no log-probs: request without tools (or "
-               "tool_choice: none), or drop the line",
-    CONTENT_FILTER: "the content filter omitted (part of) the answer: drop the line",
-    EMPTY: "the answer has no tokens: drop the line",
-    UNKNOWN_ID: "give as --requests the Batch input file this output file came from",
-    UNMAPPED: "the API's tokenizer is not --tokenizer's: give the matching --tokenizer",
-}
 ID_EXAMPLES = 5
 """custom_ids named in the summary (of output lines without a request, of requests without an output line)."""
-
-
-class ImportApiError(TeachercacheError):
-    """An API log-probs file that cannot become a cache (shape, tokenizer mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -91,31 +61,6 @@ class ApiImportOptions:
     """Records per Arrow record batch."""
     overwrite: bool = False
     """Replace whatever ``out`` holds."""
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """A line whose answer can become a row (unless one of its chosen tokens does not map)."""
-
-    where: str
-    """The line, as "file:line"."""
-    messages: list
-    """The request's messages."""
-    content: list
-    """choices[0].logprobs.content: one ChatCompletionTokenLogprob per answer token."""
-    content_at: str
-    """Where ``content`` sits in the line, for error messages: "response.body.choices[0].logprobs.content"."""
-    custom_id: str | None
-
-
-@dataclass(frozen=True)
-class _Skip:
-    """A line that cannot become a row: ``reason`` is a key of SKIP_REASONS, ``problem`` names the field."""
-
-    where: str
-    reason: str
-    problem: str
-    custom_id: str | None
 
 
 @dataclass
@@ -144,7 +89,7 @@ class ApiImportReport:
     def skipped_records(self) -> int:
         return sum(self.skipped.values())
 
-    def skip(self, item: _Skip) -> None:
+    def skip(self, item: Skip) -> None:
         self.skipped[item.reason] += 1
         self.first_skipped.setdefault(item.reason, item.where)
         if item.reason == UNKNOWN_ID and len(self.unknown_ids) < ID_EXAMPLES:
@@ -221,142 +166,6 @@ class TokenMap:
         return None
 
 
-def _read_requests(path: Path) -> dict[str, tuple[str, list]]:
-    """custom_id -> ("file:line", messages) of an OpenAI Batch input file (see the module docstring)."""
-    if not path.is_file():
-        raise ImportApiError(f"--requests {path}: no such file (give the Batch input file, the JSONL uploaded "
-                             "to create the batch)")
-    requests: dict[str, tuple[str, list]] = {}
-    for where, rec in jsonl_records(path, ImportApiError):
-        cid = rec.get("custom_id") if isinstance(rec, dict) else None
-        if not isinstance(cid, str) or not cid:
-            raise ImportApiError(f'{where}: field custom_id missing; a Batch input line is {{"custom_id": "...", '
-                                 '"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...]}}')
-        url = rec.get("url")
-        if url is not None and not str(url).endswith("/chat/completions"):
-            raise ImportApiError(f"{where}: field url is {url!r}; import-api reads chat completions: give the "
-                                 "input file of a /v1/chat/completions batch")
-        body = rec.get("body")
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise ImportApiError(f"{where}: field body.messages (the request's messages) missing or empty")
-        if cid in requests:
-            raise ImportApiError(f"{where}: custom_id {cid!r} is already used at {requests[cid][0]}; custom_ids "
-                                 "are unique in a Batch input file, so the answer's request is ambiguous: remove "
-                                 "or rename the duplicate")
-        requests[cid] = (where, messages)
-    if not requests:
-        raise ImportApiError(f"--requests {path}: no requests")
-    return requests
-
-
-def _items(path: Path, requests: dict[str, tuple[str, list]] | None) -> Iterator[_Answer | _Skip]:
-    """Every non-blank line of ``path`` as an _Answer or a _Skip; a line of the wrong shape is an error.
-    With ``requests`` (custom_id -> (where, messages)) every line is a Batch output line, joined on custom_id."""
-    answered: dict[str, str] = {}   # custom_id -> "file:line" of its output line
-    for where, rec in jsonl_records(path, ImportApiError):
-        if not isinstance(rec, dict):
-            raise ImportApiError(f"{where}: expected a JSON object with messages and response")
-        cid = rec.get("custom_id") if isinstance(rec.get("custom_id"), str) else None
-        if requests is not None:
-            if cid is None:
-                raise ImportApiError(f"{where}: field custom_id missing; with --requests every line must be a "
-                                     'Batch output line: {"id": ..., "custom_id": ..., "response": ..., "error": ...}')
-            if cid in answered:
-                raise ImportApiError(f"{where}: custom_id {cid!r} is already answered at {answered[cid]}; a Batch "
-                                     "output file has one line per request: remove the duplicate")
-            answered[cid] = where
-        if (failure := _batch_failure(rec)) is not None:
-            yield _Skip(where, FAILED, failure, cid)
-            continue
-        if requests is None:
-            messages = _inline_messages(rec, where)
-        elif cid in requests:
-            messages = requests[cid][1]
-        else:
-            yield _Skip(where, UNKNOWN_ID, f"field custom_id {cid!r} names no request of --requests", cid)
-            continue
-        response = rec.get("response")
-        if isinstance(response, dict) and isinstance(response.get("body"), dict):
-            yield _answer(where, messages, response["body"], "response.body", cid)
-        else:
-            yield _answer(where, messages, response, "response", cid)
-
-
-def _batch_failure(rec: dict) -> str | None:
-    """What went wrong, for a line of a failed request ("The request output object"); None otherwise."""
-    error, response = rec.get("error"), rec.get("response")
-    if error is not None:
-        return f"field error is set ({_error_text(error)})"
-    if isinstance(response, dict) and "status_code" in response:
-        code = response["status_code"]
-        if not (isinstance(code, int) and 200 <= code < 300):
-            body = response.get("body")
-            detail = body.get("error") if isinstance(body, dict) else None
-            return f"field response.status_code is {code} ({_error_text(detail) if detail else 'no error body'})"
-    if "custom_id" in rec and "response" in rec and response is None:
-        return "fields response and error are both null"
-    return None
-
-
-def _error_text(error) -> str:
-    """``code: message`` of an API error object ({code, message} or {message, type, param, code})."""
-    if isinstance(error, dict):
-        text = f"{error.get('code') or error.get('type') or 'error'}: {error.get('message', '')}"
-    else:
-        text = str(error)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _inline_messages(rec: dict, where: str) -> list:
-    """The request's messages of an inline line: messages, request.messages or request.body.messages."""
-    request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
-    body = request.get("body") if isinstance(request.get("body"), dict) else {}
-    messages = rec.get("messages") or request.get("messages") or body.get("messages")
-    if isinstance(messages, list) and messages:
-        return messages
-    if "custom_id" in rec and "response" in rec:
-        raise ImportApiError(f"{where}: field messages missing: this is a Batch output line (custom_id "
-                             f"{rec['custom_id']!r}), which holds only the answer; give the batch's input file "
-                             "too: --requests batch_input.jsonl")
-    raise ImportApiError(f"{where}: field messages (the request's messages) missing or empty")
-
-
-def _answer(where: str, messages: list, completion, prefix: str, cid: str | None) -> _Answer | _Skip:
-    """The answer of a chat completion (at ``prefix`` in the line), or why it is skipped."""
-    choices = completion.get("choices") if isinstance(completion, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ImportApiError(f"{where}: field {prefix}.choices[0].logprobs.content missing ({prefix} must be a "
-                             "chat.completion, requested with logprobs: true, top_logprobs: 20)")
-    choice, at = choices[0], f"{prefix}.choices[0]"
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    if message.get("refusal"):
-        return _Skip(where, REFUSAL, f"field {at}.message.refusal is set ({_error_text(message['refusal'])})", cid)
-    for name in ("tool_calls", "function_call"):
-        if message.get(name):
-            return _Skip(where, TOOL_CALL, f"field {at}.message.{name} is set", cid)
-    if choice.get("finish_reason") == "content_filter":
-        return _Skip(where, CONTENT_FILTER, f"field {at}.finish_reason is 'content_filter'", cid)
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, dict) or "content" not in logprobs:
-        raise ImportApiError(f"{where}: field {at}.logprobs.content missing (request logprobs: true, "
-                             "top_logprobs: 20)")
-    content = logprobs["content"]
-    if content is None or content == []:
-        return _Skip(where, EMPTY, f"field {at}.logprobs.content is {json.dumps(content)}", cid)
-    if not isinstance(content, list):
-        raise ImportApiError(f"{where}: field {at}.logprobs.content is not a list of token log-probs")
-    for i, entry in enumerate(content):
-        ok = (isinstance(entry, dict) and isinstance(entry.get("token"), str)
-              and isinstance(entry.get("logprob"), (int, float)) and isinstance(entry.get("top_logprobs"), list)
-              and all(isinstance(t, dict) and isinstance(t.get("token"), str)
-                      and isinstance(t.get("logprob"), (int, float)) for t in entry["top_logprobs"]))
-        if not ok:
-            raise ImportApiError(f"{where}: field {at}.logprobs.content[{i}] needs token, logprob and top_logprobs "
-                                 "(each with token and logprob)")
-    return _Answer(where, messages, content, f"{at}.logprobs.content", cid)
-
-
 def _map_record(content: list, tmap: TokenMap, report: ApiImportReport):
     """(chosen ids, None where one did not map; [(ids, logprobs)] per position; labels), counting tokens."""
     chosen, targets, labels = [], [], []
@@ -400,22 +209,22 @@ def _row(prompt: list[int], answer: list[int], targets: list, labels: list[float
                        logprobs=[t[1] for t in targets], labels=labels)
 
 
-def _survey(path: Path, requests: dict | None, tmap: TokenMap, report: ApiImportReport) -> tuple[int, _Skip | None]:
+def _survey(path: Path, requests: dict | None, tmap: TokenMap, report: ApiImportReport) -> tuple[int, Skip | None]:
     """Pass 1: count lines, skips and token mapping into ``report``; (most top_logprobs of a position, first
     skipped line)."""
     k, first, seen = 0, None, set()
-    for item in _items(path, requests):
+    for item in iter_lines(path, requests):
         report.records += 1
         seen.add(item.custom_id)
-        if isinstance(item, _Answer):
+        if isinstance(item, Answer):
             chosen, _, _ = _map_record(item.content, tmap, report)
             k = max(k, max(len(e["top_logprobs"]) for e in item.content))
             if None in chosen:
                 i = chosen.index(None)
                 token = item.content[i]["token"]
-                item = _Skip(item.where, UNMAPPED, f"field {item.content_at}[{i}].token {token!r} is not in the "
+                item = Skip(item.where, UNMAPPED, f"field {item.content_at}[{i}].token {token!r} is not in the "
                              f"vocabulary of --tokenizer ({tmap.mapping})", item.custom_id)
-        if isinstance(item, _Skip):
+        if isinstance(item, Skip):
             report.skip(item)
             first = first or item
     if requests is not None:
@@ -424,7 +233,7 @@ def _survey(path: Path, requests: dict | None, tmap: TokenMap, report: ApiImport
     return k, first
 
 
-def _strict_refusal(first: _Skip | None, report: ApiImportReport, path: Path, requests_path) -> ImportApiError | None:
+def _strict_refusal(first: Skip | None, report: ApiImportReport, path: Path, requests_path) -> ImportApiError | None:
     """The error --strict raises for the first skipped line (or for requests without an answer), else None."""
     if first is not None:
         counts = ", ".join(f"{reason} x{n}" for reason, n in report.skipped.items())
@@ -455,7 +264,7 @@ def import_api(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: s
     if not path.is_file():
         raise ImportApiError(f"{path}: no such file (give the JSONL of API requests and responses)")
     requests_path = Path(requests) if requests is not None else None
-    table = _read_requests(requests_path) if requests_path is not None else None
+    table = read_requests(requests_path) if requests_path is not None else None
     check_output(out, options.overwrite, ImportApiError)
     tok = read_tokenizer(tokenizer_dir, ImportApiError)
     if not getattr(tok, "chat_template", None):
@@ -502,8 +311,8 @@ def _write_rows(writer: CacheWriter, path: Path, requests: dict | None, tok, tma
     """Pass 2: write a row per usable answer (skips were counted in pass 1); returns the longest row's length."""
     counting = ApiImportReport()   # pass 2 recounts tokens into a throwaway report
     rows, longest, V = [], 0, len(tok)
-    for item in _items(path, requests):
-        if isinstance(item, _Skip):
+    for item in iter_lines(path, requests):
+        if isinstance(item, Skip):
             continue
         chosen, targets, labels = _map_record(item.content, tmap, counting)
         if None in chosen:
