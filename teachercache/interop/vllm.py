@@ -19,6 +19,9 @@ is detected on its own (classes from vllm-project/vllm, read at commit 002032ee)
 - ``LLM.generate``'s ``RequestOutput`` (vllm/outputs.py) written as a dict of its attributes:
   ``prompt``, ``prompt_token_ids``, ``prompt_logprobs`` (a list of {id: Logprob fields}, or a
   ``FlatLogprobs`` as dataclasses.asdict writes it), ``outputs``...
+- ``vllm run-batch``'s output file, one ``BatchRequestOutput`` per line (vllm/entrypoints/openai/run_batch.py:
+  ``id``, ``custom_id``, ``response`` {``status_code``, ``request_id``, ``body``}, ``error``): the ``body``
+  (a chat completions or completions response, as above) is read; a failed request is refused, named.
 - the flat ``{"prompt_token_ids": [...], "prompt_logprobs": [...]}`` this importer first read.
 
 vLLM's servers fill ``prompt_token_ids`` only when the request sets ``return_token_ids: true``
@@ -78,6 +81,8 @@ def _prompts(where: str, rec) -> Iterator[tuple[str, object, object, object]]:
     if not isinstance(rec, dict):
         raise VllmImportError(f"{where}: expected a JSON object (a vLLM response or RequestOutput), "
                               f"not {type(rec).__name__}")
+    if "custom_id" in rec and "response" in rec:   # a line of `vllm run-batch`'s output file
+        rec, where = _batch_body(rec, where), f"{where} response.body"
     text = rec.get("prompt") if isinstance(rec.get("prompt"), str) else rec.get("prompt_text")
     choices = rec.get("choices")
     if rec.get("prompt_logprobs") is not None:
@@ -96,6 +101,19 @@ def _prompts(where: str, rec) -> Iterator[tuple[str, object, object, object]]:
         raise VllmImportError(f"{where}: no prompt_logprobs, neither at the top level (chat completions "
                               "response, RequestOutput) nor in choices[i] (completions response); send "
                               "prompt_logprobs=k and return_token_ids: true with the request")
+
+
+def _batch_body(rec: dict, where: str) -> dict:
+    """The response inside a ``BatchRequestOutput`` line (``vllm run-batch``'s output file: id, custom_id,
+    response {status_code, request_id, body}, error); a failed request is refused, naming it."""
+    response, error = rec.get("response"), rec.get("error")
+    code = response.get("status_code", 200) if isinstance(response, dict) else None
+    body = response.get("body") if isinstance(response, dict) else None
+    if error is not None or not isinstance(code, int) or not 200 <= code < 300 or not isinstance(body, dict):
+        why = f"error {json.dumps(error)[:200]}" if error is not None else f"response {json.dumps(response)[:200]}"
+        raise VllmImportError(f"{where}: custom_id {rec.get('custom_id')!r}: the batch request failed ({why}); "
+                              "rerun it, or drop the line from the file")
+    return body
 
 
 _FLAT_FIELDS = ("start_indices", "end_indices", "token_ids", "logprobs")

@@ -258,6 +258,24 @@ def test_chat_completions_response(tmp_path, flat_targets):
     _assert_same_as_flat(tmp_path / "c", flat_targets)
 
 
+def batch_output_line(body, i, status=200, error=None):
+    """Mirrors ``BatchRequestOutput`` with ``BatchResponseData`` (vllm/entrypoints/openai/run_batch.py): the
+    per-line object of ``vllm run-batch``'s output file."""
+    return {"id": f"vllm-{i:04x}", "custom_id": f"request-{i}", "error": error,
+            "response": {"status_code": status, "request_id": f"vllm-batch-{i:04x}", "body": body}}
+
+
+def test_run_batch_output_file(tmp_path, flat_targets):
+    lines = [batch_output_line(chat_response(r), i) for i, r in enumerate(_records())]
+    path = _write_jsonl(tmp_path / "batch_output.jsonl", lines)
+    import_vllm(path, TOKENIZER, tmp_path / "c")
+    _assert_same_as_flat(tmp_path / "c", flat_targets)
+    lines[1] = batch_output_line(None, 1, status=400, error=None)
+    with pytest.raises(VllmImportError, match=r"failed.jsonl:2: custom_id 'request-1': the batch request "
+                                              r"failed .*rerun it, or drop the line"):
+        import_vllm(_write_jsonl(tmp_path / "failed.jsonl", lines), TOKENIZER, tmp_path / "d")
+
+
 @pytest.mark.parametrize("flat", [False, True], ids=["logprob-dicts", "flat-logprobs"])
 def test_offline_request_output_dump(tmp_path, flat_targets, flat):
     outputs = [request_output(r, str(i), flat=flat) for i, r in enumerate(_records())]
