@@ -2,7 +2,8 @@
 
 ``teachercache demo --out runs/demo`` (what the README's quick start runs):
 
-1. build a top-64 cache from data/teacher over data/corpus/train.parquet (the teacher runs once);
+1. build a top-64 cache from data/teacher over 60 documents drawn across data/corpus/train.parquet (the
+   teacher runs once);
 2. train a student (preset ``llama-small``) from the cache alone with forward KL + rest bucket, and its
    CE-only twin (same architecture, seed, rows, steps and schedule) from the same rows' tokens;
 3. evaluate the teacher and both students on the held-out split data/corpus/valid.parquet with the same
@@ -46,6 +47,9 @@ class DemoOptions:
     """Student preset, config or path."""
     max_docs: int | None = 60
     """Training documents to cache."""
+    sample_docs: bool = True
+    """Draw the max_docs documents at random (seeded by ``seed``) across the whole training split, kept in
+    file order; off: the split's first max_docs."""
     seq_len: int = 256
     """Tokens per row."""
     k: int = 64
@@ -75,6 +79,24 @@ class DemoOptions:
         check_number("demo", "lr (--lr)", self.lr, low=0, low_open=True)
 
 
+SAMPLE_NAME = "train-sample.parquet"
+"""In --out: the documents the demo's teacher pass reads when it samples the split."""
+
+
+def sample_documents(path: str, n: int, seed: int, out: Path) -> str:
+    """``n`` documents of the parquet file ``path`` drawn without replacement (numpy, seeded), in file order,
+    written to out/SAMPLE_NAME; its path. The whole file when it has n documents or fewer."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if table.num_rows <= n:
+        return path
+    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=n, replace=False))
+    pq.write_table(table.take(keep), out / SAMPLE_NAME)
+    return str(out / SAMPLE_NAME)
+
+
 def run_demo(options: DemoOptions, echo=print) -> dict:
     """Steps 1-4 of the module docstring; returns the results table as a dict."""
     from teachercache.student.options import EvalOptions, KDOptions, ScheduleOptions, TrainOptions
@@ -90,11 +112,14 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    echo(f"[1/4] teacher pass: {options.teacher} over {options.train_data} -> {out / 'cache'}")
+    train_data, max_docs = options.train_data, options.max_docs
+    if options.sample_docs and max_docs is not None:
+        train_data, max_docs = sample_documents(options.train_data, max_docs, options.seed, out), None
+    echo(f"[1/4] teacher pass: {options.teacher} over {train_data} -> {out / 'cache'}")
     t0 = time.perf_counter()
     build_cache(BuildOptions(
         teacher=options.teacher, out=str(out / "cache"), progress=options.progress, batch_size=8,
-        data=DataOptions(paths=(options.train_data,), seq_len=options.seq_len, max_docs=options.max_docs),
+        data=DataOptions(paths=(train_data,), seq_len=options.seq_len, max_docs=max_docs),
         targets=TargetSpec(kind="topk", k=options.k)))
     build_seconds = time.perf_counter() - t0
     cache = Cache.open(out / "cache")

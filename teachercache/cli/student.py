@@ -122,6 +122,7 @@ def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_jso
 @field_option(DemoOptions, "out", "--out", type=click.Path(file_okay=False))
 @field_option(DemoOptions, "steps", "--steps")
 @field_option(DemoOptions, "max_docs", "--max-docs", type=int)
+@field_option(DemoOptions, "sample_docs", "--sample-docs/--first-docs")
 @field_option(DemoOptions, "student", "--student")
 @field_option(DemoOptions, "eval_every", "--eval-every")
 @field_option(DemoOptions, "eval_rows", "--eval-rows", type=int)

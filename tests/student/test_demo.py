@@ -41,5 +41,26 @@ def test_demo_writes_a_verified_cache_students_a_table_and_a_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # the options the job ran with, the file's and the flags', saved beside its output
     assert yaml.safe_load((out / "config.yaml").read_text()) == {
-        "out": str(out), "steps": 6, "max_docs": 2, "student": "llama-small", "eval_every": 3, "eval_rows": 12,
-        "progress": False}
+        "out": str(out), "steps": 6, "max_docs": 2, "sample_docs": True, "student": "llama-small", "eval_every": 3,
+        "eval_rows": 12, "progress": False}
+
+
+def test_the_demo_samples_its_documents_across_the_split(tmp_path):
+    """sample_documents: n documents drawn without replacement (seeded), in the file's order, written beside
+    the demo's output; the whole file when it has no more than n."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from teachercache.student.demo import DATA, SAMPLE_NAME, sample_documents
+
+    split = DATA / "corpus" / "train.parquet"
+    texts = pq.read_table(split).column("text").to_pylist()
+    path = sample_documents(str(split), 60, 0, tmp_path)
+    got = pq.read_table(path).column("text").to_pylist()
+    want = np.sort(np.random.default_rng(0).choice(len(texts), size=60, replace=False))
+    assert path == str(tmp_path / SAMPLE_NAME) and got == [texts[i] for i in want]
+    assert max(want) > 60 and len(set(got)) == 60                     # across the split, not its first 60
+    (tmp_path / "again").mkdir()
+    again = sample_documents(str(split), 60, 0, tmp_path / "again")                  # the same seed, the same draw
+    assert pq.read_table(again).column("text").to_pylist() == got
+    assert sample_documents(str(split), len(texts), 0, tmp_path) == str(split)
