@@ -6,4 +6,6 @@
 -> ``losses`` / ``fused_head`` (sparse KD kernels over ``kd_types``) and ``hint`` -> ``train`` (the
 loop, with ``options``, ``model`` and ``checkpoints``) -> a Hugging Face model directory. ``evaluate`` measures any
 causal LM; ``hf`` plugs the same pieces into transformers.Trainer; ``demo`` is the README's main job.
+A student with a tokenizer of its own: ``cross_tokenizer`` (byte offsets, alignment, the id map) ->
+``cross_batch`` (its collate step and loss) and ``uld`` (universal logit distillation).
 """

@@ -46,8 +46,16 @@ def record_batch_rows(cache: Cache) -> list[np.ndarray]:
     """Rows of every record batch, per shard: ``[shard] -> (num_batches,) int64``.
 
     Only the small ``target_mask`` column of each record batch is read (no target is decoded); the counts
-    must add up to the manifest's rows of each shard.
+    must add up to the manifest's rows of each shard. A cache at a URL reads them from the shards' message
+    headers, without downloading the shards (format.mirror.Mirror.batch_rows).
     """
+    if cache.mirror is not None:
+        counted = cache.mirror.batch_rows(cache.shards)
+        for i, (info, rows) in enumerate(zip(cache.shards, counted)):
+            if int(rows.sum()) != info.rows:
+                raise CacheFormatError(cache.shard_location(i), f"holds {int(rows.sum())} rows, the manifest says "
+                                       f"{info.rows}", "run `teachercache verify` and rebuild the cache")
+        return counted
     out = []
     for i, info in enumerate(cache.shards):
         with cache.open_shard(i, columns=[S.TARGET_MASK]) as reader:
@@ -134,18 +142,20 @@ class CacheDataset(IterableDataset):
     ``hidden`` {layer: (P, H) float32}, only when ``hidden_layers`` asks for some; ``row_index`` the
     row's global index g in file order.
 
-    Arguments: ``path`` the cache directory; ``rank``/``world_size`` the DDP share (default: from
-    torch.distributed when it is initialised, else 0 of 1); ``seed`` and ``shuffle`` the epoch order and
-    ``shuffle_buffer`` the rows a consumer's buffer holds; ``hidden_layers`` the teacher layers whose
-    hidden states to read (none: the hidden-state columns are never read); ``verify_checksums`` passed to
-    ``Cache.open``. Opening reads every record batch's row count (the small target_mask column only,
-    some 30 us a record batch), and checks every shard's checksum unless told not to; worker processes
-    inherit both.
+    Arguments: ``path`` the cache directory or URL (or an open Cache); ``rank``/``world_size`` the DDP share
+    (default: from torch.distributed when it is initialised, else 0 of 1); ``seed`` and ``shuffle`` the epoch
+    order and ``shuffle_buffer`` the rows a consumer's buffer holds; ``hidden_layers`` the teacher layers whose
+    hidden states to read (none: the hidden-state columns are never read); ``verify_checksums``,
+    ``prefetch_shards``, ``cache_dir`` and ``cache_dir_bytes`` passed to ``Cache.open`` (the last three matter
+    for a cache at a URL: shards downloaded ahead of the reader, kept in an LRU directory). Opening reads every
+    record batch's row count (the small target_mask column only, some 30 us a record batch), and checks every
+    shard's checksum unless told not to; worker processes inherit both.
     """
 
-    def __init__(self, path: str | os.PathLike, *, rank: int | None = None, world_size: int | None = None,
+    def __init__(self, path: str | os.PathLike | Cache, *, rank: int | None = None, world_size: int | None = None,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 hidden_layers: Sequence[int] = (), verify_checksums: bool = True):
+                 hidden_layers: Sequence[int] = (), verify_checksums: bool = True, prefetch_shards: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, cache_dir_bytes: int | None = None):
         super().__init__()
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else int(rank)
@@ -154,14 +164,16 @@ class CacheDataset(IterableDataset):
             raise ValueError(f"CacheDataset: rank {self.rank} is not in [0, world_size {self.world_size})")
         if seed < 0 or shuffle_buffer < 1:
             raise ValueError(f"CacheDataset: seed {seed} must be >= 0 and shuffle_buffer {shuffle_buffer} >= 1")
-        self.cache = Cache.open(path, verify_checksums=verify_checksums)
+        self.cache = path if isinstance(path, Cache) else Cache.open(
+            path, verify_checksums=verify_checksums, prefetch_shards=prefetch_shards, cache_dir=cache_dir,
+            cache_dir_bytes=cache_dir_bytes)
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer)
         layout = self.cache.layout
         self.hidden_layers = tuple(sorted({int(x) for x in hidden_layers}))
         missing = [x for x in self.hidden_layers if x not in layout.hidden_layers]
         if missing:
             stored = ", ".join(map(str, layout.hidden_layers)) or "none"
-            raise CacheError(self.cache.path / MANIFEST_NAME,
+            raise CacheError(f"{self.cache.location}/{MANIFEST_NAME}",
                              f"hidden layers {missing} are not stored in this cache (stored: {stored})",
                              "ask for stored layers only, or rebuild the cache with --hidden-layers")
         # Everything but the entropy (inspection only) and the hidden layers not asked for.
@@ -245,6 +257,8 @@ class CacheDataset(IterableDataset):
         k, n = skip, len(out)
         items = np.flatnonzero(needed)                 # stream items to decode, ascending
         cuts = np.flatnonzero(np.diff(batch[items])) + 1
+        shards = order[batch[items], 0] if len(items) else np.zeros(0, np.int64)
+        self.cache.prefetch(shards[np.r_[True, shards[1:] != shards[:-1]]].tolist() if len(shards) else [])
         shard_open, reader = -1, None
         try:
             for group in np.split(items, cuts) if len(items) else []:
@@ -254,7 +268,11 @@ class CacheDataset(IterableDataset):
                         reader.close()
                     reader, shard_open = self.cache.open_shard(shard, self.columns), shard
                 rows = row[group]
-                record = reader.read_record_batch(index).slice(0, int(rows.max()) + 1)
+                record = reader.read_record_batch(index)
+                if self.cache.layout.format_version < 3:
+                    # version 2 references point back only: the rows past the last one needed can be left
+                    # out; a version 3 batch's streams cover all of its rows and decode as one
+                    record = record.slice(0, int(rows.max()) + 1)
                 decoded = decode_batch(record, self.cache.layout, where=f"{reader.path} (batch {index})")
                 start = int(self._file_starts[shard][index])
                 for item, r in zip(group.tolist(), rows.tolist()):

@@ -5,6 +5,9 @@ parquet or txt, tokenised with the model's tokenizer and packed into rows of ``s
 target position (a cache's masked-in positions; every next token of a text file):
 
 * perplexity: exp(mean next-token cross-entropy);
+* bits per byte: the summed cross-entropy in nats / (ln 2 × the UTF-8 bytes of the predicted tokens, as the
+  tokenizer spells them; special tokens count 0 bytes): unlike perplexity, it compares models whose
+  tokenizers cut the same text into different tokens (docs/cross_tokenizer.md);
 * ECE (top-1, 15 equal-width confidence bins): sum over bins of (share of positions) × |accuracy -
   mean confidence|, where confidence is the model's largest next-token probability and accuracy whether
   that token is the actual next one;
@@ -33,11 +36,13 @@ import numpy as np
 import torch
 
 from teachercache.student.collate import StudentBatch
+from teachercache.student.cross_tokenizer import token_byte_lengths
 from teachercache.student.kd_types import KDConfig
 from teachercache.student.losses import sparse_kd_loss
 from teachercache.errors import TeachercacheError
-from teachercache.format.cache import Cache
-from teachercache.format.manifest import MANIFEST_NAME, tokenizer_fingerprint
+from teachercache.format.cache import Cache, is_cache
+from teachercache.format.manifest import tokenizer_fingerprint
+from teachercache.format.storage import is_url
 from teachercache.runtime import pad_id, resolve_device
 
 ECE_BINS = 15
@@ -89,8 +94,8 @@ def check_model_fits(model, tokenizer, source: str | Path, seq_len: int) -> None
     ``max_position_embeddings``; and for a cache, one without target positions, a tokenizer whose
     fingerprint is not the cache's, or an output narrower than the stored ids. A text file is tokenised with
     ``tokenizer`` itself, so there is no tokenizer to compare it with."""
-    path, max_pos = Path(source), _max_positions(model)
-    if not (path / MANIFEST_NAME).is_file():
+    path, max_pos = source if is_url(source) else Path(source), _max_positions(model)
+    if not is_cache(source):
         if max_pos is not None and seq_len > max_pos:
             raise EvalError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}; "
                             f"use --seq-len {max_pos} or less")
@@ -150,6 +155,8 @@ class EvalResult:
     positions: int
     loss: float
     perplexity: float
+    bits_per_byte: float | None
+    """None when the predicted tokens spell no byte (special tokens only)."""
     ece: float
     accuracy: float
     kd_loss: float | None = None
@@ -166,9 +173,9 @@ def eval_batches(source: str | Path, tokenizer, batch_size: int, seq_len: int, m
     from teachercache.student.dataset import CacheDataset
     from teachercache.teacher.corpus import DataOptions, DocumentCounts, iter_packed_rows
 
-    path = Path(source)
+    path = source if is_url(source) else Path(source)
     pad = pad_id(tokenizer)
-    if (path / MANIFEST_NAME).is_file():
+    if is_cache(source):
         rows, collate = CacheDataset(path, shuffle=False, rank=0, world_size=1), collate_rows
     else:
         options = DataOptions(paths=(str(path),), seq_len=seq_len)
@@ -197,7 +204,9 @@ def evaluate_model(model, source: str | Path, tokenizer, *, batch_size: int = 8,
     model.eval()
     nll_sum, kd_sum, agree, correct_sum, positions = 0.0, 0.0, 0, 0, 0
     calib = Calibration.empty()
-    is_cache = (Path(source) / MANIFEST_NAME).is_file()
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))   # (V,) bytes each id spells
+    text_bytes = 0
+    cached = is_cache(source)
     for batch in eval_batches(source, tokenizer, batch_size, seq_len, max_rows):
         if batch.num_positions == 0:
             continue
@@ -208,6 +217,7 @@ def evaluate_model(model, source: str | Path, tokenizer, *, batch_size: int = 8,
         labels = batch.labels.reshape(-1)[pos]                     # (P,) next tokens
         logq = torch.log_softmax(z, -1)
         nll_sum += float(-logq.gather(1, labels[:, None]).sum())
+        text_bytes += int(byte_lengths[labels.cpu().clamp_max(len(byte_lengths) - 1)].sum())
         conf, top = logq.max(-1)
         correct = top == labels
         correct_sum += int(correct.sum())
@@ -230,7 +240,8 @@ def evaluate_model(model, source: str | Path, tokenizer, *, batch_size: int = 8,
         raise EvalError(f"{source}: nothing to evaluate: {read} hold no target positions; give data with text in "
                         "it, or more rows")
     loss = nll_sum / positions
-    return EvalResult(positions=positions, loss=loss, perplexity=math.exp(min(loss, 700)), ece=calib.ece(),
+    return EvalResult(positions=positions, loss=loss, perplexity=math.exp(min(loss, 700)),
+                      bits_per_byte=nll_sum / (math.log(2) * text_bytes) if text_bytes else None, ece=calib.ece(),
                       accuracy=correct_sum / positions,
-                      kd_loss=kd_sum / positions if is_cache else None,
-                      teacher_agreement=agree / positions if is_cache else None)
+                      kd_loss=kd_sum / positions if cached else None,
+                      teacher_agreement=agree / positions if cached else None)

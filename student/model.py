@@ -85,16 +85,22 @@ def load_student(spec: str, vocab_size: int, trust_remote_code: bool = False):
                          f"a config .json or a preset ({', '.join(PRESETS)})") from None
 
 
-def check_student(model, tokenizer, cache: Cache, hint_pairs) -> None:
-    """Tokenizer fingerprint, output size and hint layers, before any step runs."""
+def check_student(model, tokenizer, cache: Cache, hint_pairs, cross_tokenizer: str | None = None) -> None:
+    """Tokenizer fingerprint, output size and hint layers, before any step runs. With ``cross_tokenizer``
+    (``--cross-tokenizer``) the student may have its own tokenizer, and its output must cover that one's ids."""
     want = cache.manifest.tokenizer.fingerprint
     got = tokenizer_fingerprint(tokenizer)
-    if got != want:
+    if got != want and cross_tokenizer is None:
         raise TrainError(f"{cache.path}: the student's tokenizer (fingerprint {got[:12]}) is not the one the "
-                         f"cache was built with ({want[:12]}): train a student that shares the teacher's "
-                         "tokenizer, or rebuild the cache")
+                         f"cache was built with ({want[:12]}): add --cross-tokenizer exact (or uld) to distil across "
+                         "tokenizers (docs/cross_tokenizer.md), train a student that shares the teacher's tokenizer, "
+                         "or rebuild the cache")
     out_size = model.get_output_embeddings().weight.shape[0]
-    if out_size < cache.layout.vocab_size:
+    if cross_tokenizer is not None:
+        if out_size < len(tokenizer):
+            raise TrainError(f"--student: its tokenizer has {len(tokenizer)} ids, but its output only {out_size} "
+                             "columns; give a student whose vocab_size covers its tokenizer")
+    elif out_size < cache.layout.vocab_size:
         raise TrainError(f"{cache.path}: stored ids go up to {cache.layout.vocab_size - 1}, but the student's "
                          f"output has only {out_size} columns (a padded vocabulary may be larger, not smaller)")
     if hint_pairs:

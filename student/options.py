@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from teachercache.student.cross_tokenizer import CROSS_TOKENIZER_MODES
 from teachercache.student.kd_types import KDConfig
 from teachercache.errors import OptionError, check_number
+from teachercache.format.mirror import DEFAULT_CACHE_DIR_BYTES, DEFAULT_PREFETCH_SHARDS
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 """Where --report-to also sends the metrics of metrics.jsonl (student.tracking)."""
@@ -107,10 +109,24 @@ class LoaderOptions:
     """Rows a reader's shuffle buffer holds."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    prefetch_shards: int = DEFAULT_PREFETCH_SHARDS
+    """A cache at a URL (s3://, gs://, hf://, ...): shards downloaded ahead of the one being read (0: none)."""
+    cache_dir: str | None = None
+    """A cache at a URL: keep downloaded shards in this directory (shared by runs and caches, least recently used
+    deleted first); none: a temporary directory keeps only the shards being read."""
+    cache_dir_gb: float = DEFAULT_CACHE_DIR_BYTES / (1 << 30)
+    """With --cache-dir: the most GiB of shards it keeps."""
 
     def __post_init__(self):
         check_number("train", "shuffle_buffer", self.shuffle_buffer, low=1, integer=True)
         check_number("train", "num_workers (--num-workers)", self.num_workers, low=0, integer=True)
+        check_number("train", "prefetch_shards (--prefetch-shards)", self.prefetch_shards, low=0, integer=True)
+        check_number("train", "cache_dir_gb (--cache-dir-gb)", self.cache_dir_gb, low=0, low_open=True)
+
+    def cache_kwargs(self) -> dict:
+        """The keyword arguments of Cache.open (and CacheDataset) that these options set."""
+        return {"prefetch_shards": self.prefetch_shards, "cache_dir": self.cache_dir,
+                "cache_dir_bytes": int(self.cache_dir_gb * (1 << 30))}
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,13 @@ class TrainOptions:
     an update; the run ends with an error naming the step and the last good checkpoint)."""
     online_teacher: str | None = None
     """Baseline: KD from this live teacher instead of the cache."""
+    cross_tokenizer: str | None = None
+    """A student whose tokenizer is not the teacher's: exact (stored teacher ids mapped to the student ids that
+    spell the same bytes, the unmapped mass into the rest bucket) or uld (universal logit distillation over
+    sorted probabilities, with --ce-alpha > 0); positions aligned by byte offset (docs/cross_tokenizer.md)."""
+    unaligned_ce_weight: float = 1.0
+    """--cross-tokenizer: weight of the cross-entropy at the student's positions that no teacher position aligns
+    with (they get no KD)."""
     device: str = "auto"
     """auto (cuda if available), cuda, cpu."""
     trust_remote_code: bool = False
@@ -203,4 +226,8 @@ class TrainOptions:
                               f"got {self.report_to!r}")
         check_number("train", "max_nonfinite_steps (--max-nonfinite-steps)", self.max_nonfinite_steps, low=1,
                      integer=True)
+        if self.cross_tokenizer not in (None, *CROSS_TOKENIZER_MODES):
+            raise OptionError(f"train: cross_tokenizer (--cross-tokenizer) must be one of "
+                              f"{', '.join(CROSS_TOKENIZER_MODES)}, got {self.cross_tokenizer!r}")
+        check_number("train", "unaligned_ce_weight (--unaligned-ce-alpha)", self.unaligned_ce_weight, low=0)
 

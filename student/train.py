@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from teachercache.student.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from teachercache.student.collate import StudentBatch, collate_rows
+from teachercache.student.cross_batch import CrossBatch, check_cross_options, cross_batch_loss, cross_collator
 from teachercache.student.dataset import CacheDataset, make_loader
 from teachercache.student.evaluate import evaluate_model
 from teachercache.student.fused_head import fused_linear_sparse_kd
@@ -54,9 +55,12 @@ PARTS = ("loss", "ce", "kd", "hint")
 """The summed loss terms of a step, as logged."""
 RESUME_SAFE = frozenset({"out", "progress", "log_every", "device", "trust_remote_code", "max_nonfinite_steps",
                          "eval.data", "eval.every", "eval.rows", "eval.seq_len", "checkpoints.every",
-                         "checkpoints.keep", "checkpoints.resume", "report_to"})
+                         "checkpoints.keep", "checkpoints.resume", "report_to", "loader.prefetch_shards",
+                         "loader.cache_dir", "loader.cache_dir_gb"})
 """Options a resumed run may change: they decide neither the data, its order, nor the updates. Any other
 difference from the run's recorded options (its marker) is refused (docs/train.md)."""
+CROSS_TOKENIZER_KEYS = frozenset({"cross_tokenizer", "unaligned_ce_weight"})
+"""Left out of the marker of a run without --cross-tokenizer: its record stays what it was before them."""
 
 
 @dataclass
@@ -165,10 +169,12 @@ class Run:
 
 def prepare_student(options: TrainOptions, cache: Cache, device: torch.device):
     """(tokenizer, student on ``device``, φ or None, hint pairs), checked against the cache."""
+    if options.cross_tokenizer:
+        check_cross_options(options)
     tokenizer = student_tokenizer(options.student, cache, options.trust_remote_code)
     model = load_student(options.student, cache.layout.vocab_size, options.trust_remote_code).to(device)
     hint_pairs = parse_layer_map(options.hint.layers) if options.hint.layers else []
-    check_student(model, tokenizer, cache, hint_pairs)
+    check_student(model, tokenizer, cache, hint_pairs, options.cross_tokenizer)
     if options.fused_head:
         check_fusable(model)
     projector = None
@@ -186,10 +192,10 @@ def set_up(options: TrainOptions) -> Run:
     random.seed(options.seed)
     np.random.seed(options.seed)
     out = Path(options.out)
-    record = options_record(options, RESUME_SAFE)
+    record = _record(options)
     check_output(out, "student", record=record, resume=options.checkpoints.resume)
     check_reporter(options.report_to)   # a missing package is named before anything loads
-    cache = Cache.open(options.cache)
+    cache = Cache.open(options.cache, **options.loader.cache_kwargs())
     config = kd_config(options, cache.layout.sampled)
     tokenizer, model, projector, hint_pairs = prepare_student(options, cache, device)
     teacher = None
@@ -208,14 +214,23 @@ def set_up(options: TrainOptions) -> Run:
         state = TrainState(**load_checkpoint(checkpoint, model, optimizer, scheduler, projector))
     lock = _claim_output(out, record) if rank == 0 else None
 
-    dataset = CacheDataset(cache.path, rank=rank, world_size=world, seed=options.seed, shuffle=options.loader.shuffle,
+    dataset = CacheDataset(cache, rank=rank, world_size=world, seed=options.seed, shuffle=options.loader.shuffle,
                            shuffle_buffer=options.loader.shuffle_buffer,
                            hidden_layers=sorted({t for _, t in hint_pairs}))
-    stream = BatchStream(dataset, options.schedule.batch_size, options.loader.num_workers,
-                         partial(collate_rows, pad_id=pad_id(tokenizer)), state.epoch, state.batches)
+    collate = partial(collate_rows, pad_id=pad_id(tokenizer))
+    if options.cross_tokenizer:   # rows in the student's own tokens, targets aligned (student.cross_batch)
+        collate = cross_collator(options, cache, cache.tokenizer(), tokenizer, out, pad_id(tokenizer), write=rank == 0)
+    stream = BatchStream(dataset, options.schedule.batch_size, options.loader.num_workers, collate, state.epoch,
+                         state.batches)
     return Run(options=options, rank=rank, world=world, device=device, out=out, cache=cache, config=config,
                tokenizer=tokenizer, model=model, projector=projector, teacher=teacher, params=params,
                optimizer=optimizer, scheduler=scheduler, state=state, stream=stream, lock=lock)
+
+
+def _record(options: TrainOptions) -> dict:
+    """The options that decide the run, as its marker records them."""
+    same_tokenizer = CROSS_TOKENIZER_KEYS if options.cross_tokenizer is None else frozenset()
+    return options_record(options, RESUME_SAFE | same_tokenizer)
 
 
 def _claim_output(out: Path, record: dict):
@@ -237,6 +252,9 @@ def _claim_output(out: Path, record: dict):
 def micro_batch_loss(model, batch: StudentBatch, weights: torch.Tensor, config: KDConfig, options: TrainOptions,
                      projector: HintProjector | None, teacher, device) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already weighted by 1 / positions of the global step) and its parts."""
+    if isinstance(batch, CrossBatch):   # --cross-tokenizer: the student's own tokens (student.cross_batch)
+        return cross_batch_loss(model, batch, weights, config, options.cross_tokenizer, options.unaligned_ce_weight,
+                                device)
     batch = batch.to(device)
     pos = batch.target_positions                               # (P,) flat b * T + t
     labels = batch.labels.reshape(-1)[pos]                     # (P,) next tokens
@@ -397,7 +415,7 @@ def train(options: TrainOptions) -> TrainResult:
     out = Path(options.out)
     if options.checkpoints.resume and (out / SUMMARY_FILE).exists():
         # a complete run (killed while exiting, or resumed twice): nothing to redo, nothing rewritten
-        check_output(out, "student", record=options_record(options, RESUME_SAFE), resume=True)
+        check_output(out, "student", record=_record(options), resume=True)
         summary = json.loads((out / SUMMARY_FILE).read_text())
         return TrainResult(out=out, steps=summary["steps"], final_loss=summary["final_loss"], seconds=0.0,
                            eval=summary.get("eval"), complete=True)
@@ -508,7 +526,7 @@ def _save_final(run: Run, last_loss: float, last_eval: dict | None, seconds: flo
 
         save_model(run.projector, str(out / "hint_projector.safetensors"))
     summary = {"options": asdict(options), "steps": run.state.step, "final_loss": last_loss, "eval": last_eval,
-               "seconds": round(seconds, 2), "cache": str(cache.path),
+               "seconds": round(seconds, 2), "cache": cache.location,
                "cache_fingerprint": cache.manifest.tokenizer.fingerprint,
                "kd": asdict(run.config)}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

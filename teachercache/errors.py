@@ -27,6 +27,13 @@ class CacheError(TeachercacheError):
             message += f" ({fix})"
         super().__init__(message)
 
+    def __reduce__(self):  # pickled whole: a shard prefetched in a worker process raises it in the reader's
+        return type(self), (self.path, self.problem, self.fix)
+
+    def naming(self, local: str, shown: str) -> "CacheError":
+        """The same error with ``shown`` (a URL) where it names ``local`` (the directory that stands for it)."""
+        return type(self)(self.path.replace(local, shown), self.problem.replace(local, shown), self.fix)
+
 
 class CacheIncompleteError(CacheError):
     """The cache has no manifest (still being built, or killed before it finished)."""
@@ -51,6 +58,11 @@ class CacheCorruptError(CacheError):
 
 class CachePathError(CacheError):
     """A path named inside a manifest points outside the cache directory (or is not a plain path)."""
+
+
+class StorageError(TeachercacheError):
+    """A remote location (an fsspec URL) cannot be reached, listed, read or written: the message names the URL,
+    what failed and the fix (a missing protocol package, credentials, an endpoint)."""
 
 
 class TokenizerLoadError(TeachercacheError):

@@ -167,3 +167,45 @@ def bucket_term(cfg, lp, lq):
     if cfg.loss == "skew_reverse_kl":
         return q * (lq - mixture(1 - cfg.alpha, cfg.alpha)) if q > 0 else 0.0
     raise AssertionError(cfg.loss)
+
+
+def cache_rows(path) -> list[dict]:
+    """Every row of a cache in file order: its columns as numpy arrays (``sizes``: ids per target position;
+    ``counts`` of sampled caches; ``hidden{layer}`` per stored layer)."""
+    from teachercache.format.cache import Cache
+
+    rows = []
+    for b in Cache.open(path).iter_batches():
+        for r in range(b.num_rows):
+            t0, t1 = b.row_offsets[r], b.row_offsets[r + 1]
+            p0, p1 = b.row_positions[r], b.row_positions[r + 1]
+            e0, e1 = b.target_offsets[p0], b.target_offsets[p1]
+            row = {"input_ids": b.input_ids[t0:t1], "target_mask": b.target_mask[t0:t1],
+                   "sizes": np.diff(b.target_offsets[p0:p1 + 1]), "ids": b.target_ids[e0:e1],
+                   "logprobs": b.target_logprobs[e0:e1], "label": b.label_logprob[p0:p1],
+                   "rest": b.rest_mass[p0:p1], "entropy": b.entropy[p0:p1]}
+            if b.target_counts is not None:
+                row["counts"] = b.target_counts[e0:e1]
+            for layer, h in b.hidden.items():
+                row[f"hidden{layer}"] = h[p0:p1]
+            rows.append(row)
+    return rows
+
+
+def global_row_indices(path) -> list[int]:
+    """For each row of a cache that `teachercache build` wrote (file order), its row index g in the one-job,
+    one-process build: rank r of w (extra.world_size; the shards' names part-rRRR) holds the rows k of its
+    slice i/n (extra.slice; every row without one) with k mod w = r, in order, and row k of slice i is
+    g = k n + i."""
+    from teachercache.format.cache import Cache
+
+    m = Cache.open(path).manifest
+    world, part = m.extra["world_size"], m.extra.get("slice", {"index": 0, "count": 1})
+    taken, out = [0] * world, []
+    for shard in m.shards:
+        rank = int(shard.file.rsplit("part-r", 1)[1][:3])
+        for _ in range(shard.rows):
+            k = rank + world * taken[rank]
+            taken[rank] += 1
+            out.append(k * part["count"] + part["index"])
+    return out

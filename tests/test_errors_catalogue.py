@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from teachercache.format import schema as S
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -30,7 +32,8 @@ def test_the_page_lists_every_entry_and_no_traceback():
 def test_entries_still_give_the_catalogued_message(tmp_path, key):
     prepare_light(tmp_path)
     (tmp_path / "newer").mkdir()  # the manifest's version is checked before anything else in it
-    (tmp_path / "newer" / "manifest.json").write_text(json.dumps({"format": "teachercache", "format_version": 3}))
+    (tmp_path / "newer" / "manifest.json").write_text(json.dumps({"format": "teachercache",
+                                                                         "format_version": S.FORMAT_VERSION + 1}))
     args = {(s, what): a for s, what, a in ENTRIES}[key]
     with open(tmp_path / "locked" / "state" / "rank-000.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)

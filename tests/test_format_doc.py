@@ -24,8 +24,12 @@ def _doc_decoder():
     return namespace["decode_shard"]
 
 
-@pytest.mark.parametrize("layout", [S.Layout(vocab_size=70_000), S.Layout(vocab_size=300, sampled=True)],
-                         ids=["topk-3-byte-ids", "sampled"])
+LAYOUTS = [S.Layout(vocab_size=70_000, format_version=v) for v in (3, 2)] + \
+    [S.Layout(vocab_size=300, sampled=True, format_version=v) for v in (3, 2)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["v3-topk-3-byte-ids", "v2-topk-3-byte-ids", "v3-sampled",
+                                                 "v2-sampled"])
 def test_documented_decoder_matches_the_library(tmp_path, layout):
     rng = np.random.default_rng(11)
     batches = [random_batch(rng, layout, [20, 0, 7], k=None if layout.sampled else 12) for _ in range(2)]
@@ -33,12 +37,17 @@ def test_documented_decoder_matches_the_library(tmp_path, layout):
         b.input_ids = rng.integers(0, 3, b.num_tokens).astype(np.int32)
         for p in range(b.num_positions):
             lo, hi = b.target_offsets[p], b.target_offsets[p + 1]
-            b.target_ids[lo:hi] = rng.choice(60, hi - lo, replace=False)
+            b.target_ids[lo:hi] = rng.choice(60, hi - lo, replace=False) * (layout.vocab_size // 60)  # over the range
     write_cache(tmp_path / "c", batches, layout)
     with Cache.open(tmp_path / "c").open_shard(0) as reader:
         record = reader.read_record_batch(0)
     hits = np.unpackbits(record.column(S.TARGET_HITS).values.to_numpy())
     ranks = record.column(S.TARGET_REFS).values.to_numpy()
+    if layout.format_version == 3:  # ranks follow a selector byte per position; misses use the id table
+        positions = len(record.column(S.TARGET_SIZES).values)
+        selectors, ranks = ranks[:positions], ranks[positions:]
+        assert len(set(selectors.tolist())) >= 3
+        assert record.column(S.TARGET_IDS).values.to_numpy()[1] > 0  # a table of ids missed twice or more
     assert hits.mean() > 0.1 and (ranks > 0).mean() > 0.1  # the documented reference scheme is exercised
     cache = Cache.open(tmp_path / "c")
     doc_rows = list(_doc_decoder()(str(cache.shard_path(0))))

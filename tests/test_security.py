@@ -261,8 +261,13 @@ def with_column(rb, name, array):
 col = rb.column("target_values")
 hostile = {
     "sizes at 65535": with_column(rb, "target_sizes", pa.array([[65535] * len(x) for x in rb.column("target_sizes").to_pylist()], pa.list_(pa.uint16()))),
-    "one row's values moved to the other": with_column(rb, "target_values", pa.array([col[0].as_py() + col[1].as_py()[:3], col[1].as_py()[3:]], pa.list_(pa.uint8()))),
-    "values cut short": with_column(rb, "target_values", pa.array([col[0].as_py(), col[1].as_py()[:-4]], pa.list_(pa.uint8()))),
+    # version 2 streams are per row; version 3's are the batch's, all in its first row (bytes elsewhere: damage)
+    "one row's values moved to the other": with_column(rb, "target_values", pa.array(
+        [col[0].as_py() + col[1].as_py()[:3], col[1].as_py()[3:]] if len(col[1]) >= 3 else
+        [col[0].as_py()[:-3], col[0].as_py()[-3:] + col[1].as_py()], pa.list_(pa.uint8()))),
+    "values cut short": with_column(rb, "target_values", pa.array(
+        [col[0].as_py(), col[1].as_py()[:-4]] if len(col[1]) >= 4 else [col[0].as_py()[:-4], col[1].as_py()],
+        pa.list_(pa.uint8()))),
     "input ids shorter than the mask": with_column(rb, "input_ids", pa.array([[1] * 9, [1] * 6], pa.list_(pa.int32()))),
     "hidden states too short": with_column(rb, "hidden_1", pa.array([[0] * 4, [0] * 4], pa.list_(pa.uint16()))),
     "tokens beyond the vocabulary": with_column(rb, "input_ids", pa.array([[10**6] * 9, [-5] * 7], pa.list_(pa.int32()))),

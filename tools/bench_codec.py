@@ -1,8 +1,9 @@
 """Benchmark of the cache codec on real teacher distributions: bytes per token, fidelity, decode speed.
 
 The demo teacher in data/ runs over held-out demo text (data/corpus/valid.parquet); its log-probs are
-stored at k in {16, 64, 128} and as adaptive-k (nucleus), through the real writer (Arrow IPC + zstd),
-then read back and decoded. Printed side by side, per target position and per token:
+stored at k in {16, 64, 128} and as adaptive-k (nucleus), through the real writer (Arrow IPC + zstd), in
+format version 3 (what new caches are written in) and version 2 (still read), then read back and decoded.
+Printed side by side, per target position and per token:
 
   (a) raw fp32 over the full vocabulary;
   (b) naive top-k: int32 ids + fp16 log-probs;
@@ -17,11 +18,14 @@ mapped back by the inverse permutation, must equal the teacher's). A random perm
 for the id bytes: real BPE vocabularies give frequent tokens low ids, which this removes.
 
 Fidelity: the largest |decoded - true| log-prob over entries with p >= 1e-4 (and over all entries), and
-the largest rest-mass error. Decode speed: target positions per second on one core, for the numba kernel
-alone and for read + zstd decompression + decode from a shard file. Then the variants the format was
-chosen from, at k=64: quantiser steps, zstd levels, and zstandard frames instead of Arrow IPC zstd.
+the largest rest-mass error. Speed, versions 3 and 2 alternated in one process: target positions per
+second of one core (the thread's CPU time, so that other jobs on a shared machine do not count) to decode
+(the numba kernel alone, and read + zstd decompression + decode from a shard file) and to encode (the
+codec alone, and a whole record batch with its Arrow columns). Then the variants the format was chosen
+from, at k=64: quantiser steps, zstd levels, zstandard frames instead of Arrow IPC zstd, and the codings
+of references, values and ids (version 3's parts one by one).
 
-    python tools/bench_codec.py            # ~1 minute on 2 CPU cores
+    python tools/bench_codec.py            # ~3 minutes on 2 CPU cores
     python tools/bench_codec.py --wide-vocab 0     # without the 152k rows
 The last line printed is one JSON object with the figures.
 """
@@ -42,13 +46,13 @@ import pyarrow.parquet as pq
 import torch
 import zstandard
 
-from teachercache.format import codec, references
+from teachercache.format import codec, codec3, codec3_encode, references
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
 from teachercache.format.cache import Cache, CacheWriter
 from teachercache.format.manifest import DataInfo, TargetSpec, TeacherInfo, TokenizerInfo
 from teachercache.format.quantizer import quantize_reference
-from teachercache.format.records import decode_batch, record_streams
+from teachercache.format.records import decode_batch, encode_batch, positions_of_rows, record_streams
 from teachercache.format.shards import ZSTD_LEVEL, ShardReader, decoding_columns
 from teachercache.inspect.report import column_bytes_estimate
 
@@ -185,11 +189,8 @@ def fidelity(batches: list[RowBatch], cache: Cache) -> dict:
     return {"max_err_p_ge_1e-4": err_head, "max_err_all": err_all, "max_rest_err": err_rest}
 
 
-def decode_speed(cache: Cache, repeats: int) -> dict:
-    """Target positions per second on one core: kernel alone, and shard read + decompress + decode."""
-    numba.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
+def _prepared_decodes(cache: Cache) -> tuple[list, int]:
+    """The decode_targets arguments of every record batch of ``cache`` (streams read and decompressed)."""
     cols = decoding_columns(cache.layout)
     prepared, positions = [], 0
     for i in range(len(cache.shards)):
@@ -201,30 +202,56 @@ def decode_speed(cache: Cache, repeats: int) -> dict:
             prepared.append((rows.target_sizes.astype(np.uint16), rows.row_positions, contexts,
                              record_streams(r, cache.layout)))
             positions += rows.num_positions
-    def kernel_pass():
-        for args in prepared:
-            codec.decode_targets(*args, cache.layout)
-
-    def read_pass():
-        for i in range(len(cache.shards)):
-            with ShardReader(cache.shard_path(i), cache.layout, cols) as reader:
-                for b in range(reader.num_batches):
-                    reader.read_batch(b)
-
-    return {"kernel_positions_per_s": positions / best_time(kernel_pass, repeats),
-            "read_decode_positions_per_s": positions / best_time(read_pass, repeats)}
+    return prepared, positions
 
 
-def best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls, after one untimed warm-up (compilation, page cache):
-    on a shared machine the fastest run is the one least disturbed by others."""
-    fn()
-    times = []
+def codec_speed(caches: dict[int, Cache], batches: list[RowBatch], repeats: int) -> dict:
+    """Target positions per second of one core, per format version (``caches`` by version, the same
+    ``batches``): decode (kernel alone; shard read + decompress + decode) and encode (codec alone; a whole
+    record batch with its Arrow columns). Versions alternate pass by pass; the fastest of ``repeats``
+    passes counts, timed by the thread's CPU time."""
+    numba.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    passes = {}
+    for version, cache in caches.items():
+        prepared, positions = _prepared_decodes(cache)
+        cols = decoding_columns(cache.layout)
+        encodes = [(positions_of_rows(b.target_mask, b.row_offsets), b.target_offsets, b.target_ids,
+                    b.target_logprobs, b.target_counts,
+                    references.position_contexts(b.input_ids, b.target_mask, b.row_offsets)) for b in batches]
+
+        def kernel(prepared=prepared, layout=cache.layout):
+            for args in prepared:
+                codec.decode_targets(*args, layout)
+
+        def read(cache=cache, cols=cols):
+            for i in range(len(cache.shards)):
+                with ShardReader(cache.shard_path(i), cache.layout, cols) as reader:
+                    for b in range(reader.num_batches):
+                        reader.read_batch(b)
+
+        def encode(encodes=encodes, layout=cache.layout):
+            for args in encodes:
+                codec.encode_targets(*args, layout)
+
+        def encode_record(layout=cache.layout):
+            for b in batches:
+                encode_batch(b, layout)
+
+        for name, fn in (("decode_kernel", kernel), ("read_decode", read), ("encode_codec", encode),
+                         ("encode_record_batch", encode_record)):
+            passes[(version, name)] = (fn, positions)
+    best = dict.fromkeys(passes, math.inf)
+    for fn, _ in passes.values():
+        fn()  # compile, warm the page cache
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for key, (fn, _) in passes.items():
+            t0 = time.thread_time()
+            fn()
+            best[key] = min(best[key], time.thread_time() - t0)
+    return {f"v{version}": {f"{name}_positions_per_s": passes[(version, name)][1] / best[(version, name)]
+                            for (v, name) in passes if v == version} for version in caches}
 
 
 def zstandard_frame_bytes(cache: Cache, level: int) -> int:
@@ -241,35 +268,93 @@ def zstandard_frame_bytes(cache: Cache, level: int) -> int:
     return total
 
 
-def id_coding_variants(batches: list[RowBatch], layout: S.Layout, level: int = 7) -> dict:
-    """Target bytes/position of the id/value codings the format was chosen from (zstandard frames per
-    batch and stream): ours (canonical order, references to the last position with the same context,
-    byte planes for misses); the same without references (every id a byte-plane symbol); and id order
-    (ids ascending with gaps as byte planes, codes in id order as two byte planes)."""
+def _varints(values) -> np.ndarray:
+    """LEB128 varints of non-negative integers, as bytes."""
+    out = bytearray()
+    for v in np.asarray(values, np.int64).tolist():
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+    return np.frombuffer(bytes(out), np.uint8)
+
+
+def _planes(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([((np.asarray(x, np.int64) >> (8 * i)) & 0xFF).astype(np.uint8) for i in range(n)])
+
+
+def _pair_tokens(deltas: np.ndarray, position: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, escaped deltas) of version 3's value tokens over the entries in the given order: two
+    consecutive deltas of the same position and group both below 15 pair up, else one delta per token."""
+    tokens, escaped, i, n = [], [], 0, len(deltas)
+    d, p, g = deltas.tolist(), position.tolist(), group.tolist()
+    while i < n:
+        if i + 1 < n and p[i + 1] == p[i] and g[i + 1] == g[i] and d[i] < 15 and d[i + 1] < 15:
+            tokens.append(d[i] * 15 + d[i + 1])
+            i += 2
+            continue
+        tokens.append(225 + d[i] if d[i] < 30 else 255)
+        if d[i] >= 30:
+            escaped.append(d[i])
+        i += 1
+    return np.asarray(tokens, np.uint8), _varints(escaped)
+
+
+def coding_variants(batches: list[RowBatch], vocab_size: int, level: int = 1) -> dict:
+    """Target bytes/position of the codings the format was chosen from, each stream one zstandard frame per
+    record batch (so these rows compare with each other): version 2; version 3 with its references chosen
+    from 2, 5 or 8 candidates; version 3's values and ids coded the other ways measured; and two codings
+    without references (every id a byte-plane symbol; ids in id order with codes in id order)."""
     zc = zstandard.ZstdCompressor(level=level)
     size = lambda *arrays: sum(len(zc.compress(np.ascontiguousarray(a).tobytes())) for a in arrays)  # noqa
-    planes = lambda x, n: np.concatenate([((x >> (8 * i)) & 0xFF).astype(np.uint8) for i in range(n)])  # noqa
-    totals = dict.fromkeys(["ours", "no_references", "id_order"], 0)
+    v2, v3 = S.Layout(vocab_size=vocab_size, format_version=2), S.Layout(vocab_size=vocab_size)
+    totals: dict[str, int] = {}
+
+    def add(name, n):
+        totals[name] = totals.get(name, 0) + n
+
     positions = 0
     for b in batches:
-        rp = np.array([0, b.num_positions])
+        rp = positions_of_rows(b.target_mask, b.row_offsets)
         ctx = references.position_contexts(b.input_ids, b.target_mask, b.row_offsets)
-        ours = codec.encode_targets(rp, b.target_offsets, b.target_ids, b.target_logprobs, None, ctx, layout)
-        totals["ours"] += size(ours.ids, ours.values, ours.hits, ours.refs)
-        # without references: every entry's symbol (tie gap or id) in byte planes
-        pos = np.repeat(np.arange(b.num_positions), b.target_sizes)
-        codes = quantize_reference(b.target_logprobs, layout.quantizer)
-        ids = b.target_ids.astype(np.int64)
-        o = np.lexsort((ids, codes, pos))
-        p_, c_, i_ = pos[o], codes[o], ids[o]
-        tie = np.r_[False, (p_[1:] == p_[:-1]) & (c_[1:] == c_[:-1])]
-        sym = np.where(tie, i_ - np.r_[0, i_[:-1]] - 1, i_)
-        totals["no_references"] += size(planes(sym, layout.id_bytes), ours.values)
+        args = (rp, b.target_offsets, b.target_ids, b.target_logprobs, None, ctx)
+        s2 = codec.encode_targets(*args, v2)
+        add("version 2 (references, hit bitmap + ranks, varint deltas, id planes)",
+            size(s2.ids, s2.values, s2.hits, s2.refs))
+        for n in (2, 5, 8):
+            s3 = codec3_encode.encode_targets(*args, v3, candidates=n)
+            add(f"version 3, references from {n} candidates" + (" (as written)" if n == 8 else ""),
+                size(s3.ids, s3.values, s3.hits, s3.refs))
+        # version 3's deltas and misses, coded other ways (s3: 8 candidates)
+        sizes = np.diff(b.target_offsets)
+        _, ids, lps, _ = codec.decode_targets(sizes.astype(np.uint16), rp, ctx, s3, v3)
+        codes = quantize_reference(lps, v3.quantizer)
+        pos = np.repeat(np.arange(b.num_positions), sizes)
+        j = np.arange(len(ids)) - np.repeat(b.target_offsets[:-1], sizes)
+        deltas = np.where(j == 0, codes, codes - np.r_[0, codes[:-1]])
+        common = (s3.ids, s3.hits, s3.refs)
+        add("version 3, values as a varint per delta (version 2's)", size(*common, _varints(deltas)))
+        add("version 3, values as pair tokens, positions in order (no groups)",
+            size(*common, *_pair_tokens(deltas, pos, np.zeros_like(pos))))
+        by_group = np.lexsort((j, pos, j // codec3.GROUP_SIZE))
+        singles = np.where(deltas < 30, 225 + deltas, 255).astype(np.uint8)
+        add("version 3, values one token per delta, grouped by entry index",
+            size(*common, singles[by_group], _varints(deltas[deltas >= 30])))
+        hits = np.unpackbits(s3.hits, bitorder="little")[:len(ids)].astype(bool)
+        tie = (j > 0) & (deltas == 0)
+        symbols = np.where(tie, ids - np.r_[0, ids[:-1]] - 1, ids)[~hits]
+        add("version 3, ids as version 2's byte planes (no table)",
+            size(s3.values, s3.hits, s3.refs, _planes(symbols, v3.id_bytes)))
+        # no references at all: every entry's symbol (tie gap or id) in byte planes; or ids in id order
+        all_symbols = np.where(tie, ids - np.r_[0, ids[:-1]] - 1, ids)
+        add("no references (every id a byte-plane symbol), version 2 values",
+            size(_planes(all_symbols, v3.id_bytes), _varints(deltas)))
         o2 = np.lexsort((ids, pos))
-        p2, i2, c2 = pos[o2], ids[o2], codes[o2]
+        p2, i2, c2 = pos[o2], ids[o2].astype(np.int64), codes[o2]
         first2 = np.r_[True, p2[1:] != p2[:-1]]
         gaps = np.where(first2, i2, i2 - np.r_[0, i2[:-1]] - 1)
-        totals["id_order"] += size(planes(gaps, layout.id_bytes), planes(c2, 2))
+        add("no references, ids in id order (gaps) + codes in id order", size(_planes(gaps, v3.id_bytes),
+                                                                             _planes(c2, 2)))
         positions += b.num_positions
     return {k: v / positions for k, v in totals.items()}
 
@@ -332,39 +417,47 @@ def run_all(args, rows: torch.Tensor, tops: dict, workdir: Path) -> None:
     tokens = rows.numel()
     V = tops["vocab_size"]
     layout = S.Layout(vocab_size=V)
-    runs = []
-    for k in (16, 64, 128):
-        sizes = np.full(positions, k)
-        runs.append(measure(f"top{k}", make_batches(rows, tops, sizes, args.rows_per_batch), layout, "topk",
-                            workdir, positions, tokens, k_for_baselines=k))
-    for top_p in (0.95, 0.99):
-        sizes = nucleus_sizes(tops, top_p, 1, 128)
-        runs.append(measure(f"nucleus{top_p}", make_batches(rows, tops, sizes, args.rows_per_batch), layout,
-                            "nucleus", workdir, positions, tokens))
+    layout2 = S.Layout(vocab_size=V, format_version=2)
+    runs, runs2 = [], []
+    cases = [(f"top{k}", np.full(positions, k), "topk", k) for k in (16, 64, 128)] + \
+        [(f"nucleus{p}", nucleus_sizes(tops, p, 1, 128), "nucleus", None) for p in (0.95, 0.99)]
+    for name, sizes, kind, k in cases:
+        batches = make_batches(rows, tops, sizes, args.rows_per_batch)
+        runs.append(measure(name, batches, layout, kind, workdir, positions, tokens, k_for_baselines=k))
+        runs2.append(measure(name + "_v2", batches, layout2, kind, workdir, positions, tokens, k_for_baselines=k))
 
-    print(f"\n{'targets':<13}{'mean k':>7}{'(a) fp32':>10}{'(b) naive':>10}{'(c) DK':>8}{'(d) ours':>9}"
-          f"{'d/c':>7}{'bits/id':>8}{'all cols':>9}{'err p>=1e-4':>12}{'err all':>8}{'rest err':>10}")
-    print(f"{'':<13}{'':>7}{'B/pos':>10}{'B/pos':>10}{'B/pos':>8}{'B/pos':>9}{'':>7}{'':>8}{'B/token':>9}")
-    for r in runs:
+    print(f"\n{'targets':<13}{'mean k':>7}{'(a) fp32':>10}{'(b) naive':>10}{'(c) DK':>8}{'(d) v2':>8}{'(d) v3':>8}"
+          f"{'v3/v2':>7}{'d/c':>7}{'bits/id':>8}{'all cols':>9}{'err p>=1e-4':>12}{'err all':>8}{'rest err':>10}")
+    print(f"{'':<13}{'':>7}{'B/pos':>10}{'B/pos':>10}{'B/pos':>8}{'B/pos':>8}{'B/pos':>8}{'':>7}{'':>7}{'':>8}"
+          f"{'B/token':>9}")
+    for r, r2 in zip(runs, runs2):
         base = (f"{r['raw_fp32_bytes_per_position']:>10}{r['naive_bytes_per_position']:>10}"
                 f"{r['distillkit_bytes_per_position']:>8}") if "distillkit_bytes_per_position" in r else \
             f"{'-':>10}{'-':>10}{'-':>8}"
         ratio = f"{r['ratio_vs_distillkit']:>7.3f}" if "ratio_vs_distillkit" in r else f"{'-':>7}"
-        print(f"{r['name']:<13}{r['mean_k']:>7.1f}{base}{r['ours_target_bytes_per_position']:>9.1f}{ratio}"
+        v2, v3 = r2["ours_target_bytes_per_position"], r["ours_target_bytes_per_position"]
+        print(f"{r['name']:<13}{r['mean_k']:>7.1f}{base}{v2:>8.1f}{v3:>8.1f}{v3 / v2:>7.3f}{ratio}"
               f"{r['ours_bits_per_entry']:>8.2f}{r['ours_all_bytes_per_token']:>9.1f}"
               f"{r['max_err_p_ge_1e-4']:>12.4f}{r['max_err_all']:>8.3f}{r['max_rest_err']:>10.2e}")
-    top64 = runs[1]
-    print("\nbytes/token by column at top64: " + ", ".join(
-        f"{c} {v:.2f}" for c, v in sorted(top64["by_column_bytes_per_token"].items(), key=lambda kv: -kv[1])))
+        assert max(abs(r[key] - r2[key]) for key in ("max_err_p_ge_1e-4", "max_err_all", "max_rest_err")) < 1e-6
+    top64, top64_v2 = runs[1], runs2[1]
+    for r in (top64, top64_v2):
+        print(f"\nbytes/token by column at {r['name']}: " + ", ".join(
+            f"{c} {v:.2f}" for c, v in sorted(r["by_column_bytes_per_token"].items(), key=lambda kv: -kv[1])))
 
-    speed = decode_speed(top64["_cache"], args.repeats)
-    print(f"\ndecode at top64, one core: kernel {speed['kernel_positions_per_s'] / 1e6:.2f} M positions/s; "
-          f"read + decompress + decode {speed['read_decode_positions_per_s'] / 1e6:.2f} M positions/s")
+    batches64 = make_batches(rows, tops, np.full(positions, 64), args.rows_per_batch)
+    speed = codec_speed({3: top64["_cache"], 2: top64_v2["_cache"]}, batches64, args.repeats)
+    print("\nspeed at top64, one core (M target positions/s of thread CPU time; versions alternated):")
+    for version in ("v3", "v2"):
+        sp = speed[version]
+        print(f"  {version}: decode kernel {sp['decode_kernel_positions_per_s'] / 1e6:.2f}, read + decompress + "
+              f"decode {sp['read_decode_positions_per_s'] / 1e6:.2f}; encode codec "
+              f"{sp['encode_codec_positions_per_s'] / 1e6:.2f}, record batch "
+              f"{sp['encode_record_batch_positions_per_s'] / 1e6:.2f}")
 
     # --- the variants the format was chosen from (k = 64) ---------------------------------------
-    batches64 = make_batches(rows, tops, np.full(positions, 64), args.rows_per_batch)
     variants = {}
-    print("\nvariants at top64 (target bytes/position; max error on p >= 1e-4):")
+    print("\nvariants at top64, version 3 (target bytes/position; max error on p >= 1e-4):")
     for label, q in [("default " + str(S.Quantizer().steps), S.Quantizer()),
                      ("uniform 1/32", S.Quantizer(starts=(0.0,), steps=(1 / 32,))),
                      ("uniform 1/26 (err 0.0192)", S.Quantizer(starts=(0.0,), steps=(1 / 26,))),
@@ -374,26 +467,27 @@ def run_all(args, rows: torch.Tensor, tops: dict, workdir: Path) -> None:
                     workdir, positions, tokens)
         variants[label] = {"bytes_per_position": r["ours_target_bytes_per_position"],
                            "max_err_p_ge_1e-4": r["max_err_p_ge_1e-4"], "max_err_all": r["max_err_all"]}
-        print(f"  quantiser {label:<34}{r['ours_target_bytes_per_position']:8.1f}  {r['max_err_p_ge_1e-4']:.4f}")
+        print(f"  quantiser {label:<58}{r['ours_target_bytes_per_position']:8.1f}  {r['max_err_p_ge_1e-4']:.4f}")
     for level in (1, 3, 7, 12, 19):
         r = measure(f"zstd{level}", batches64, layout, "topk", workdir, positions, tokens, zstd_level=level)
         variants[f"arrow_ipc_zstd{level}"] = {"bytes_per_position": r["ours_target_bytes_per_position"]}
-        print(f"  Arrow IPC zstd level {level:<21}{r['ours_target_bytes_per_position']:8.1f}")
+        print(f"  Arrow IPC zstd level {level:<45}{r['ours_target_bytes_per_position']:8.1f}")
     for level in (3, 7, 19):
         b = zstandard_frame_bytes(top64["_cache"], level) / positions
         variants[f"zstandard_frames{level}"] = {"bytes_per_position": b}
-        print(f"  zstandard frames level {level:<19}{b:8.1f}")
-
-    coding = id_coding_variants(batches64, layout)
-    for name, b in coding.items():
-        variants[f"coding_{name}"] = {"bytes_per_position": b}
-        print(f"  id/value coding {name:<26}{b:8.1f}")
+        print(f"  zstandard frames level {level:<43}{b:8.1f}")
+    print("  codings (one zstandard frame, level 1, per stream and record batch):")
+    for name, b in coding_variants(batches64, V).items():
+        variants[f"coding: {name}"] = {"bytes_per_position": b}
+        print(f"    {name:<75}{b:8.1f}")
 
     wide = wide_vocab(args, rows, tops, {r["name"]: r for r in runs}, workdir) if args.wide_vocab else None
 
     summary = {r["name"]: {k: v for k, v in r.items() if k not in ("_cache", "name")} for r in runs}
+    summary_v2 = {r["name"]: {k: v for k, v in r.items() if k not in ("_cache", "name")} for r in runs2}
     print(json.dumps({"bench": "codec", "teacher": str(args.teacher), "vocab_size": V, "positions": positions,
-                      "runs": summary, "decode": speed, "variants": variants, "wide_vocab": wide}))
+                      "format_version": S.FORMAT_VERSION, "runs": summary, "runs_v2": summary_v2, "speed": speed,
+                      "variants": variants, "wide_vocab": wide}))
 
 
 def wide_vocab(args, rows: torch.Tensor, tops: dict, narrow: dict, workdir: Path) -> dict:

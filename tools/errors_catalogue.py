@@ -192,7 +192,7 @@ def prepare(tmp: Path) -> None:
     variant("newer", lambda r: r.update(format_version=S.FORMAT_VERSION + 1))
     variant("older", lambda r: r.update(format_version=S.FORMAT_VERSION - 1))
     variant("unknown-field", lambda r: r.update(comment="hand edited"))
-    variant("escape", lambda r: r["shards"][0].update(file="../good/shards/part-r000-00000.arrow"))
+    variant("escape", lambda r: r["shards"][0].update(file="../outside.arrow"))
     variant("damaged", shard=lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])
     variant("truncated", shard=lambda b: b[:-100])
     variant("newer-shard")  # the shard rewritten with the next format version in its schema, the manifest resealed

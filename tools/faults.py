@@ -11,6 +11,11 @@ Sections (``--only build,train,fuzz,disk,lock,hostile`` runs some of them):
   uniform over its pass alone (so that kills land inside shards and on the manifest too); each is
   ``--resume``d and must have the same shards (names and SHA-256 in the manifest), decode to the same
   values as the uninterrupted build, and verify --deep clean.
+* s3 (``--only s3``, not in the default set; needs moto[server] and s3fs, the dev extra): the build case with
+  the cache on an S3 endpoint (moto's server on 127.0.0.1, tools/local_s3.py): the same build into s3://, killed
+  at moments uniform over the uninterrupted remote build and over its pass (timed from its staging directory's
+  tokenizer/, teacher/remote_build.py), each ``--resume``d and held to the same assertions, against the
+  uninterrupted remote build, which must itself have the local reference's shards.
 * train: ``python -m teachercache train`` on that cache with a checkpoint every 2 steps, killed the same
   way (uniform over the whole run, then over its training loop alone) and resumed; the final model.safetensors must equal an uninterrupted run's (max |diff| <= 1e-6).
 * fuzz: corrupted shards and manifests (tools/fault_fuzz.py) read by the reader, verify and verify --deep
@@ -90,6 +95,11 @@ def kill_at(args, seconds: float, after: Path | None = None) -> bool:
 
 
 def shard_table(cache) -> list:
+    if "://" in str(cache):  # a cache at a URL (the s3 section)
+        from teachercache.format.cache import Cache
+
+        return [(s.file, s.sha256, s.rows, s.tokens, s.target_entries)
+                for s in Cache.open(cache, verify_checksums=False).shards]
     m = json.loads((Path(cache) / "manifest.json").read_text())
     return [(s["file"], s["sha256"], s["rows"], s["tokens"], s["target_entries"]) for s in m["shards"]]
 
@@ -107,9 +117,10 @@ def ordered_digest(cache) -> str:
 
 
 def same_cache(cache, ref) -> tuple[bool, str]:
+    from teachercache.format.cache import is_cache
     from teachercache.inspect.verify import verify_cache
 
-    if not (Path(cache) / "manifest.json").is_file():
+    if not is_cache(cache):
         return False, "no manifest"
     if shard_table(cache) != shard_table(ref):
         return False, "shards differ"
@@ -155,21 +166,23 @@ def timed_run(args, marker: Path) -> tuple[float, float]:
 
 
 def kill_campaign(work: Path, name: str, args_for, marker: str, duration: float, rounds, phase_of, check,
-                  rng: random.Random, report: dict) -> None:
+                  rng: random.Random, report: dict, after_of=None) -> None:
     """Kill runs of ``args_for(out)`` at random moments, resume each with ``--resume`` and ``check`` it.
 
     ``rounds``: (label, count, lo) — ``count`` kills landed at moments uniform over [lo, duration), timed
     from when the run's ``marker`` file appears if lo > 0 (else from its start); a run that finishes before
     its kill is not counted and another moment is drawn. ``phase_of(out)`` names what the run was doing;
     ``check(out, phase, proc)`` judges the resumed run: (ok, text to print, why it failed). Per label the
-    report gets the kills landed, how many were identical, the phases and the failures."""
+    report gets the kills landed, how many were identical, the phases and the failures. ``after_of(out)``: the
+    file whose appearance times a kill, where it is not ``out / marker``."""
     for label, count, lo in rounds:
         phases, failures, landed, attempts = Counter(), [], 0, 0
         while landed < count and attempts < 3 * count:
             attempts += 1
             out = work / f"{name}-kill-{label}-{attempts}"
             moment = rng.uniform(lo, duration)
-            if not kill_at(args_for(out), moment - lo, after=(out / marker) if lo else None):
+            after = (after_of(out) if after_of is not None else out / marker) if lo else None
+            if not kill_at(args_for(out), moment - lo, after=after):
                 shutil.rmtree(out, ignore_errors=True)
                 continue  # finished before the kill: not counted, draw again
             landed += 1
@@ -210,6 +223,63 @@ def build_kills(work: Path, n: int, n_pass: int, docs: int, rng: random.Random) 
     out_report["identical"] = out_report["kills_identical"]
     out_report["failures"] = out_report["kills_failures"] + out_report["pass_kills_failures"]
     return out_report
+
+
+def build_kills_s3(work: Path, ref: Path, n: int, n_pass: int, docs: int, rng: random.Random) -> dict:
+    """build_kills with the cache on a local S3 endpoint (moto's server): ``n`` kills uniform over an uninterrupted
+    build into s3://, ``n_pass`` over its pass (timed from its staging directory's tokenizer/, which appears as
+    the local build's does); each resumed build must equal the uninterrupted remote build, which must have the
+    local reference's shards (``ref``)."""
+    from local_s3 import LocalS3
+
+    from teachercache.teacher.remote_build import STAGING_ENV, staging_path
+
+    saved = dict(ENV)
+    with LocalS3("faults") as s3:
+        ENV.update(s3.env, **{STAGING_ENV: str(work / "staging")})
+        os.environ[STAGING_ENV] = ENV[STAGING_ENV]
+        try:
+            url_of = lambda out: s3.url(out.name)  # noqa: E731
+            ref_url = s3.url("build-s3-ref")
+            duration, pass_start = timed_run(build_args(ref_url, docs), staging_path(ref_url, 0) / "tokenizer")
+            print(f"[build_s3] uninterrupted build into {ref_url}: {duration:.1f} s (pass from {pass_start:.1f} s), "
+                  f"{len(shard_table(ref_url))} shards")
+            report = {"uninterrupted_seconds": round(duration, 1), "pass_start_seconds": round(pass_start, 1),
+                      "endpoint": "moto server on 127.0.0.1", "reference_equals_local": shard_table(ref_url) ==
+                      shard_table(ref)}
+
+            def phase_of(out: Path) -> str:
+                key, staging = f"{s3.bucket}/{out.name}", staging_path(url_of(out), 0)
+                s3.fs.invalidate_cache()
+                if s3.fs.exists(f"{key}/manifest.json"):
+                    return "after the manifest (exiting)"
+                state = f"{key}/state/rank-000.json"
+                done = len(json.loads(s3.fs.cat_file(state))["shards"]) if s3.fs.exists(state) else 0
+                if not (staging / "tokenizer").is_dir():
+                    return "starting (imports, teacher load)"
+                if list((staging / "shards").glob("*")) if (staging / "shards").is_dir() else []:
+                    return "inside a shard (forward/encode/write/upload)"
+                return "between shards" if done else "first forward passes"
+
+            def check(out, phase, proc):
+                url = url_of(out)
+                if proc.returncode and not phase.startswith("after the manifest"):
+                    ok, why = False, proc.stderr[-300:]
+                else:
+                    ok, why = same_cache(url, ref_url)
+                s3.fs.rm(f"{s3.bucket}/{out.name}", recursive=True)
+                return ok, "identical" if ok else "FAILED " + why, why
+
+            kill_campaign(work, "build_s3", lambda out: build_args(url_of(out), docs), "tokenizer", duration,
+                          (("kills", n, 0.0), ("pass_kills", n_pass, pass_start)), phase_of, check, rng, report,
+                          after_of=lambda out: staging_path(url_of(out), 0) / "tokenizer")
+        finally:
+            ENV.clear()
+            ENV.update(saved)
+            os.environ.pop(STAGING_ENV, None)
+    report["identical"] = report["kills_identical"] + report["pass_kills_identical"]
+    report["failures"] = report["kills_failures"] + report["pass_kills_failures"]
+    return report
 
 
 def train_phase(out: Path) -> str:
@@ -475,7 +545,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cases of each kind (about a minute)")
     parser.add_argument("--seed", type=int, default=9)
-    parser.add_argument("--only", default="build,train,fuzz,disk,lock,hostile")
+    parser.add_argument("--only", default="build,train,fuzz,disk,lock,hostile",
+                        help="sections, of build,s3,train,fuzz,disk,lock,hostile (s3: the build kills on a local S3 "
+                             "endpoint; not run unless named)")
     parser.add_argument("--build-kills", type=int, default=None)
     parser.add_argument("--pass-kills", type=int, default=None, help="extra build kills within its pass")
     parser.add_argument("--train-kills", type=int, default=None)
@@ -502,6 +574,8 @@ def main() -> None:
                             n_pass if "build" in sections else 0, docs, rng)
         report["build"] = build
         ref = Path(build["reference"])
+        if "s3" in sections:
+            report["build_s3"] = build_kills_s3(work, ref, n_build, n_pass, docs, rng)
         if "train" in sections:
             report["train"] = train_kills(work, ref, n_train, n_loop, 8 if quick else 16, rng)
         if "fuzz" in sections:

@@ -29,6 +29,13 @@ the same mix of code and generated codec tables (data/README.md), so held-out pe
 the student learnt, not how far the held-out files are from the first few training files.
 
 Ends with one JSON line of the figures.
+
+``--cross-tokenizer`` runs the cross-tokenizer study instead (CROSS_ARMS below, docs/cross_tokenizer.md): on
+the top-64 cache, students with the teacher's tokenizer (CE twin, KD) and with their own
+SentencePiece-style BPE (tools/make_student_tokenizer.py: CE twin, ``exact``, ``uld``), compared in bits per
+byte on the held-out split:
+
+    python tools/study.py --cross-tokenizer --out runs/study          # shares the main study's top-64 cache
 """
 
 from __future__ import annotations
@@ -133,9 +140,14 @@ def main() -> None:
                     help="Cache only the first N training documents (default: all).")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    ap.add_argument("--cross-tokenizer", action="store_true",
+                    help="Run the cross-tokenizer study instead (CROSS_ARMS; see cross_tokenizer_study).")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="Evaluate and tabulate the runs already in --out (any seeds); train nothing.")
     args = ap.parse_args()
+    if args.cross_tokenizer:
+        cross_tokenizer_study(args)
+        return
     work = Path(args.out)
     t0 = time.perf_counter()
     caches = build_caches(work, args.docs, args.seq_len)
@@ -167,6 +179,7 @@ def main() -> None:
     (work / "study.json").write_text(json.dumps({"args": vars(args), "results": results, "caches": caches},
                                                 indent=1))
     plot(results, work / "study.png")
+    plot_frontier(results, work / "frontier.png")
     print(table)
     print(f"wall {time.perf_counter() - t0:.0f} s; table {work / 'study.md'}, plot {work / 'study.png'}")
     print(json.dumps({"bench": "study", "args": vars(args), "results": results}))
@@ -209,6 +222,187 @@ def plot(results: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def plot_frontier(results: dict, png: Path, title: str = "Quality per byte (demo teacher)") -> None:
+    """The quality-per-byte frontier: held-out perplexity (± half the seeds' spread) against cache bytes per
+    token for each cached arm, marker by target kind (the arm's name up to its first "-"), the frontier (the
+    best perplexity reached at or below each byte count) as a step line, CE only and online KD as horizontal
+    lines (they store no targets). Hint arms are left out: their hidden states cost ~380 more bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    cached = {arm: r for arm, r in results.items() if r.get("bytes_per_token") and not r.get("hidden_bytes_per_token")}
+    markers = dict(zip(sorted({arm.split("-")[0] for arm in cached}), "osD^vP*X"))
+    for arm, r in sorted(cached.items(), key=lambda kv: kv[1]["bytes_per_token"]):
+        ax.errorbar([r["bytes_per_token"]], [r["perplexity"]], yerr=[r["spread"]], fmt=markers[arm.split("-")[0]],
+                    capsize=3, label=arm)
+    points = sorted((r["bytes_per_token"], r["perplexity"]) for r in cached.values())
+    frontier, best = [], float("inf")
+    for x, ppl in points:
+        best = min(best, ppl)
+        frontier.append((x, best))
+    if frontier:
+        xs, ys = zip(*frontier)
+        ax.step(xs, ys, where="post", color="k", alpha=0.5, label="frontier")
+    for name, style in (("ce", ":"), ("online", "--")):
+        if name in results:
+            ax.axhline(results[name]["perplexity"], color="gray", linestyle=style,
+                       label=f"{'CE only' if name == 'ce' else 'online KD'} ({results[name]['perplexity']:.1f})")
+    ax.set(title=title, xlabel="cache bytes per token (all columns)", ylabel="held-out perplexity", xscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cross-tokenizer study (--cross-tokenizer): a student with its own tokenizer learns from the top-64 cache
+
+CROSS_ARMS = {  # TrainOptions fields; "own": the student with its own tokenizer (tools/make_student_tokenizer.py)
+    "same-ce": dict(kd=dict(ce_weight=1.0, kd_weight=0.0)),
+    "same-kd": dict(kd=dict(tail="rest")),
+    "own-ce": dict(own=True, cross_tokenizer="exact", kd=dict(ce_weight=1.0, kd_weight=0.0)),
+    "own-exact": dict(own=True, cross_tokenizer="exact", kd=dict(tail="rest")),
+    "own-uld": dict(own=True, cross_tokenizer="uld", kd=dict(ce_weight=1.0, kd_weight=1.0)),
+}
+"""same-*: the teacher's tokenizer (CE twin, forward KL + rest: the study's top64-rest arm); own-*: its own
+SentencePiece-style BPE of the same size, the CE twin (CE at every position of its own tokens), ``exact``
+(KD only at aligned positions, CE at the others) and ``uld`` (CE + ULD at aligned positions, CE at the others)."""
+
+
+def cross_tokenizer_study(args) -> None:
+    """The CROSS_ARMS on the top-64 cache of the whole train split (the main study's, built if missing), every
+    student evaluated in bits per byte on the held-out split with its own tokenizer. Writes cross_tokenizer.md
+    and cross_tokenizer.json in --out; "gain recovered" = (bpb own-ce - bpb arm) / (bpb same-ce - bpb same-kd)."""
+    import sys
+
+    from teachercache.format.cache import Cache
+    from teachercache.format.manifest import TargetSpec
+    from teachercache.teacher.build import BuildOptions, build_cache
+    from teachercache.teacher.corpus import DataOptions
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_student_tokenizer import make_student
+
+    work = Path(args.out)
+    t0 = time.perf_counter()
+    cache = work / "caches" / "top64"
+    if not (cache / "manifest.json").exists():
+        build_cache(BuildOptions(teacher=str(TEACHER), out=str(cache), progress=False, targets=TargetSpec(**CACHES["top64"]),
+                                 data=DataOptions(paths=(str(TRAIN),), seq_len=args.seq_len, max_docs=args.docs),
+                                 resume=cache.exists()))
+    own = {seed: work / "own-student" / f"seed{seed}" for seed in range(args.seeds)}
+    for seed, path in own.items():
+        if not (path / "model.safetensors").exists():
+            make_student(path, 8192, args.student, seed)
+    stats = _cross_stats(Cache.open(cache), own[0])
+    print(json.dumps({"alignment": stats}), flush=True)
+    arms = [a for a in args.arms if a in CROSS_ARMS] or list(CROSS_ARMS)
+    results = {}
+    for arm in arms:
+        runs = [_cross_run(work, cache, arm, seed, own[seed], args) for seed in range(args.seeds)]
+        bpb = [r["bits_per_byte"] for r in runs]
+        results[arm] = {"bits_per_byte": statistics.mean(bpb), "spread": (max(bpb) - min(bpb)) / 2, "runs": bpb,
+                        "perplexity": statistics.mean(r["perplexity"] for r in runs),
+                        "ece": statistics.mean(r["ece"] for r in runs), "seeds": len(runs),
+                        "parameters": runs[0]["parameters"], "vocab": runs[0]["vocab"],
+                        "positions_per_step": statistics.mean(r["positions_per_step"] for r in runs),
+                        "seconds": statistics.mean(r["seconds"] for r in runs)}
+        print(f"{arm:10s} bpb {results[arm]['bits_per_byte']:.4f} ± {results[arm]['spread']:.4f}  "
+              f"ppl {results[arm]['perplexity']:.2f}", flush=True)
+    if {"same-ce", "same-kd", "own-ce"} <= set(results):
+        gain = results["same-ce"]["bits_per_byte"] - results["same-kd"]["bits_per_byte"]
+        for name, r in results.items():
+            base = results["own-ce" if name.startswith("own") else "same-ce"]["bits_per_byte"]
+            r["recovered"] = (base - r["bits_per_byte"]) / gain if gain else None
+    table = format_cross_table(results, stats)
+    (work / "cross_tokenizer.md").write_text(table + "\n")
+    (work / "cross_tokenizer.json").write_text(json.dumps({"args": vars(args), "alignment": stats,
+                                                           "results": results}, indent=1))
+    print(table)
+    print(f"wall {time.perf_counter() - t0:.0f} s")
+    print(json.dumps({"bench": "study-cross-tokenizer", "args": vars(args), "alignment": stats, "results": results}))
+
+
+def _cross_stats(cache, student_dir: Path) -> dict:
+    """Over every row of the cache: the id map's shared ids, the alignment share, and how much of the stored
+    teacher mass at aligned positions has a student id (the rest joins the rest bucket under ``exact``)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from teachercache.student.cross_tokenizer import Aligner
+    from teachercache.student.dataset import CacheDataset
+
+    aligner = Aligner.of(cache.tokenizer(), AutoTokenizer.from_pretrained(student_dir))
+    student = teacher = aligned = 0
+    stored = mapped = 0.0
+    for row in CacheDataset(cache, shuffle=False, rank=0, world_size=1):
+        a = aligner.align(row["input_ids"], row["target_mask"])
+        student += int(a.target_mask.sum())
+        teacher += int(row["target_mask"].sum())
+        for i in a.teacher_index[a.teacher_index >= 0]:
+            e = slice(row["target_offsets"][i], row["target_offsets"][i + 1])
+            p = np.exp(row["target_logprobs"][e].astype(np.float64))
+            stored += p.sum()
+            mapped += p[aligner.token_map.student_ids[row["target_ids"][e]] >= 0].sum()
+            aligned += 1
+    return {"shared_ids": aligner.token_map.shared, "teacher_vocab": len(aligner.token_map.student_ids),
+            "student_positions": student, "teacher_positions": teacher, "aligned": aligned,
+            "share": aligned / student, "teacher_share": aligned / teacher, "stored_mass": stored / aligned,
+            "mapped_mass": mapped / aligned}
+
+
+def _cross_run(work: Path, cache: Path, arm: str, seed: int, own: Path, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from teachercache.student.evaluate import evaluate_model
+    from teachercache.student.options import KDOptions, ScheduleOptions, TrainOptions
+    from teachercache.student.train import METRICS_FILE, train
+
+    kw = dict(CROSS_ARMS[arm])
+    student = str(own) if kw.pop("own", False) else args.student
+    out = work / "runs" / f"cross-{arm}-seed{seed}"
+    if not (out / "model.safetensors").exists():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        schedule = ScheduleOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   warmup_steps=max(1, args.steps // 20))
+        train(TrainOptions(cache=str(cache), student=student, out=str(out), schedule=schedule, seed=seed,
+                           progress=False, log_every=10, kd=KDOptions(**kw.pop("kd", {})), **kw))
+    records = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    result = evaluate_model(model, str(VALID), tok, seq_len=args.seq_len)
+    return {"bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity, "ece": result.ece,
+            "parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+            "positions_per_step": statistics.mean(r["positions"] for r in records),
+            "seconds": sum(r["seconds"] for r in records) * (args.steps / max(1, len(records)))}
+
+
+def format_cross_table(results: dict, stats: dict) -> str:
+    names = {"same-ce": "teacher's tokenizer, CE only", "same-kd": "teacher's tokenizer, KD (top-64, rest)",
+             "own-ce": "own tokenizer, CE only (twin)", "own-exact": "own tokenizer, `--cross-tokenizer exact`",
+             "own-uld": "own tokenizer, `--cross-tokenizer uld` (+ CE)"}
+    lines = ["| arm | seeds | val bits/byte | val perplexity (own tokens) | ECE | parameters | target positions/step | "
+             "gain recovered (bits/byte) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, r in results.items():
+        rec = "—" if r.get("recovered") is None or arm in ("same-ce", "own-ce") else f"{100 * r['recovered']:.0f}%"
+        lines.append(f"| {names.get(arm, arm)} | {r['seeds']} | {r['bits_per_byte']:.4f} ± {r['spread']:.4f} | "
+                     f"{r['perplexity']:.2f} | {r['ece']:.4f} | {r['parameters'] / 1e6:.2f} M | "
+                     f"{r['positions_per_step']:.0f} | {rec} |")
+    lines.append("")
+    lines.append(f"Alignment over the cache: {stats['aligned']:,} aligned of {stats['student_positions']:,} student "
+                 f"target positions ({100 * stats['share']:.1f}%; {100 * stats['teacher_share']:.1f}% of the teacher's "
+                 f"{stats['teacher_positions']:,}); {stats['shared_ids']:,} of {stats['teacher_vocab']:,} teacher ids have "
+                 f"a student twin; at aligned positions {100 * stats['mapped_mass'] / stats['stored_mass']:.1f}% of the "
+                 "stored teacher mass maps to student ids.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ import click
 from teachercache.cli.config import ConfigCommand, config_option, save_config
 from teachercache.cli.options import (FiniteFloatRange, dtype_option, field_docs, field_option, overwrite_option,
                                       runtime_options, split_groups)
+from teachercache.errors import OptionError
+from teachercache.format.merge import MergeOptions
 from teachercache.format.schema import HIDDEN_DTYPES, TARGET_KINDS
+from teachercache.format.slices import Slice
 from teachercache.inspect.diff import DiffOptions
 from teachercache.interop.export import FORMATS, ExportOptions
 from teachercache.interop.openai_chat import ApiImportOptions
 from teachercache.interop.vllm import VllmImportOptions
 from teachercache.teacher.build import DEVICE_MAPS, BuildOptions
 from teachercache.teacher.corpus import BAD_RECORDS_HELP, PACKINGS, DataError, DataOptions, bad_record_limit
+from teachercache.teacher.estimate import EstimateOptions
 from teachercache.teacher.targets import MAX_IDS, TEMPERATURES, TargetOptions
 
 
@@ -30,6 +34,15 @@ def _layers(ctx, param, value):
     if twice := sorted({x for x in layers if layers.count(x) > 1}):
         raise click.BadParameter(f"{value!r}: layer {twice[0]} is given twice; name each layer once")
     return layers
+
+
+def _slice(ctx, param, value):
+    if value is not None:
+        try:
+            Slice.parse(value)
+        except OptionError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+    return value
 
 
 def _bad_records(ctx, param, value):
@@ -74,16 +87,23 @@ def _bad_records(ctx, param, value):
 @field_option(BuildOptions, "device_map", "--device-map", type=click.Choice(DEVICE_MAPS))
 @field_option(BuildOptions, "max_memory", "--max-memory")
 @field_option(BuildOptions, "tp_size", "--tp-size", type=click.IntRange(min=1))
+@field_option(BuildOptions, "slice", "--slice", callback=_slice)
 @field_option(BuildOptions, "resume", "--resume")
 @overwrite_option(BuildOptions)
+@click.option("--estimate", is_flag=True, help="Write nothing: run the teacher pass over the first --estimate-rows "
+              "rows (shards in a temporary directory), then print bytes/token, tokens/s and the projected size and "
+              "hours of the whole build.")
+@field_option(EstimateOptions, "rows", "--estimate-rows", dest="estimate_rows", type=click.IntRange(min=1))
+@field_option(EstimateOptions, "tokens", "--estimate-tokens", dest="estimate_tokens", type=click.IntRange(min=1))
 @runtime_options(BuildOptions, "teacher")
-def build_command(shard_mb, **values):
+def build_command(shard_mb, estimate, estimate_rows, estimate_tokens, **values):
     """Run the teacher once over --data and write the cache to --out.
 
     \b
     Example:
       teachercache build --teacher data/teacher --data data/corpus/valid.parquet --out /tmp/demo-cache --seq-len 256
       teachercache build --config /tmp/demo-cache/config.yaml --out /tmp/demo-cache-2   # the same build again
+      teachercache build --teacher data/teacher --data data/corpus/train.parquet --out /tmp/c --estimate
     """
     from teachercache.teacher.build import build_cache
 
@@ -91,6 +111,15 @@ def build_command(shard_mb, **values):
     data = DataOptions(**{**groups["data"], "paths": tuple(groups["data"]["paths"])})
     options = BuildOptions(**top, data=data, targets=TargetOptions(**groups["targets"]).spec(),
                            shard_bytes=max(1, int(shard_mb * (1 << 20))))
+    sample = EstimateOptions(rows=estimate_rows, tokens=estimate_tokens)
+    if estimate:
+        from teachercache.teacher.estimate import estimate_build
+
+        for line in estimate_build(options, sample).lines():
+            click.echo(line)
+        return
+    if sample != EstimateOptions():
+        raise click.UsageError("--estimate-rows and --estimate-tokens shape --estimate's projection: add --estimate")
     result = build_cache(options)
     save_config(options.out)   # beside the complete cache: --config of it builds the same cache again
     if result.rows:
@@ -293,5 +322,31 @@ def import_api_command(file, tokenizer, out, requests, **options):
         click.echo(f"{out}: {line}" if not line.startswith(" ") else line)
 
 
-COMMANDS = (build_command, inspect_command, verify_command, show_command, plot_command, diff_command, export_command,
-            import_vllm_command, import_api_command)
+@click.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The merged cache directory or URL to write (new or empty).")
+@field_option(MergeOptions, "copy", "--copy")
+def merge_command(parts, out, copy):
+    """Join the caches of `build --slice i/n` jobs (PART... = slices 0..n-1, each once, any order) into one cache
+    at --out. The parts must agree on teacher, tokenizer, targets, seq-len, corpus and format; each refusal names
+    the part and the field. The manifest references the parts' shards (same filesystem; keep the parts) unless
+    --copy copies them in. Parts or --out at URLs (s3://...) take --copy: each shard is streamed through this
+    machine with its SHA-256 checked. docs/scale.md has SLURM and Kubernetes scripts.
+
+    \b
+    Example:
+      teachercache merge /scratch/c-0 /scratch/c-1 /scratch/c-2 --out /scratch/cache
+      teachercache merge /scratch/c-* --out /data/cache --copy
+      teachercache merge s3://bucket/c-0 s3://bucket/c-1 --out s3://bucket/cache --copy
+    """
+    from teachercache.format.merge import merge_caches
+
+    manifest = merge_caches(parts, out, MergeOptions(copy=copy))
+    how = "copied into it" if copy else "referenced where they lie"
+    click.echo(f"{out}: {manifest.totals.rows:,} rows, {manifest.totals.tokens:,} tokens from {len(parts)} slices "
+               f"({len(manifest.shards)} shards, {how})")
+
+
+COMMANDS = (build_command, merge_command, inspect_command, verify_command, show_command, plot_command, diff_command,
+            export_command, import_vllm_command, import_api_command)

@@ -32,6 +32,7 @@ import yaml
 from click.core import ParameterSource
 
 from teachercache import __version__
+from teachercache.format.storage import is_url, open_storage
 
 CONFIG_FILE = "config.yaml"
 """The effective options of a run, beside its output (a cache, a student, a demo directory)."""
@@ -262,8 +263,8 @@ def _value(value, param: click.Parameter, shown: str, path: str):
 
 
 def save_config(out: str | os.PathLike) -> Path | None:
-    """Write the running command's options to ``out``/config.yaml, atomically; under torchrun only rank 0
-    writes (the others return None). Every option but RUN_CONTROL, defaults included, in the command's order,
+    """Write the running command's options to ``out``/config.yaml, atomically (``out`` a URL: one object, and
+    None is returned); under torchrun only rank 0 writes (the others return None). Every option but RUN_CONTROL, defaults included, in the command's order,
     grouped options in their sections under their field names."""
     ctx = click.get_current_context()
     if not _rank_zero():
@@ -286,10 +287,13 @@ def save_config(out: str | os.PathLike) -> Path | None:
     if left_out:
         header += (f"# Left out: {', '.join(left_out)}: they decide what happens to an output already there;\n"
                    "# give them on the command line.\n")
+    text = header + yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+    if is_url(out):  # a cache at a URL: one object (format.storage)
+        open_storage(str(out)).write_bytes(CONFIG_FILE, text.encode("utf-8"))
+        return None
     path = Path(out) / CONFIG_FILE
     tmp = path.with_name(f"{CONFIG_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(header + yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120),
-                   encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
 

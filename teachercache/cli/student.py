@@ -11,12 +11,13 @@ import json
 import click
 
 from teachercache.student.demo import DemoOptions
+from teachercache.student.cross_tokenizer import CROSS_TOKENIZER_MODES
 from teachercache.student.hint import HINT_KINDS
 from teachercache.student.kd_types import LOSSES, TAILS
 from teachercache.student.options import (CheckpointOptions, EvalOptions, HintOptions, KDOptions, LoaderOptions, ScheduleOptions,
                              TrainOptions, REPORT_TO)
 from teachercache.cli.config import ConfigCommand, config_option, save_config
-from teachercache.cli.options import (device_option, field_option, progress_option, runtime_options, split_groups,
+from teachercache.cli.options import (FiniteFloatRange, device_option, field_option, progress_option, runtime_options, split_groups,
                                       trust_remote_code_option)
 
 GROUPS = {"schedule": ScheduleOptions, "kd": KDOptions, "hint": HintOptions, "loader": LoaderOptions,
@@ -61,10 +62,15 @@ def _in(group: str, name: str, *decls: str, **kwargs):
 @field_option(TrainOptions, "seed", "--seed")
 @_in("loader", "shuffle", "--shuffle/--no-shuffle")
 @_in("loader", "num_workers", "--num-workers", type=click.IntRange(min=0))
+@_in("loader", "prefetch_shards", "--prefetch-shards", type=click.IntRange(min=0))
+@_in("loader", "cache_dir", "--cache-dir", type=click.Path(file_okay=False))
+@_in("loader", "cache_dir_gb", "--cache-dir-gb", type=FiniteFloatRange(min=0, min_open=True))
 @field_option(TrainOptions, "log_every", "--log-every", type=click.IntRange(min=1))
 @field_option(TrainOptions, "report_to", "--report-to", type=click.Choice(REPORT_TO))
 @field_option(TrainOptions, "max_nonfinite_steps", "--max-nonfinite-steps", type=click.IntRange(min=1))
 @field_option(TrainOptions, "online_teacher", "--online-teacher")
+@field_option(TrainOptions, "cross_tokenizer", "--cross-tokenizer", type=click.Choice(CROSS_TOKENIZER_MODES))
+@field_option(TrainOptions, "unaligned_ce_weight", "--unaligned-ce-alpha", type=click.FloatRange(min=0))
 @runtime_options(TrainOptions, "student")
 def train_command(**values):
     """Train a student from a cache alone and save it as a Hugging Face model directory.
@@ -99,8 +105,9 @@ def train_command(**values):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @trust_remote_code_option(None, "model")
 def eval_command(model_path, data, batch_size, seq_len, max_rows, device, as_json, trust_remote_code):
-    """Perplexity, calibration (ECE) and, on a cache, KD loss of any causal LM. On a cache the model's tokenizer
-    must be the one the cache was built with (fingerprints compared); a text file is read with the model's own.
+    """Perplexity, bits per byte, calibration (ECE) and, on a cache, KD loss of any causal LM. On a cache the model's
+    tokenizer must be the one the cache was built with (fingerprints compared); a text file is read with the model's
+    own (bits per byte compare models whose tokenizers differ).
 
     Example: teachercache eval --model /tmp/student --data data/corpus/valid.parquet --max-rows 64
     """

@@ -1,8 +1,9 @@
 """Bit-level primitives of the target codec: varints, and rank/select over a reference list's unused ids.
 
-* Varints: unsigned LEB128 (7 bits per byte, high bit = more bytes follow), at most 3 bytes here: codes,
-  counts and ranks are all < 2**21. ``put_varint`` / ``get_varint`` for the kernels (the reader checks
-  every byte against its stream's end), ``varint_reference`` / ``read_varints`` in plain Python.
+* Varints: unsigned LEB128 (7 bits per byte, high bit = more bytes follow), at most 3 bytes per entry:
+  codes, counts and ranks are all < 2**21; at most 5 in version 3's stream headers (``get_header_varint``).
+  ``put_varint`` / ``get_varint`` for the kernels (the reader checks every byte against its stream's end),
+  ``varint_reference`` / ``read_varints`` in plain Python.
 * Unused lists: a hit's rank counts the reference's ids that no earlier entry of its position has taken
   (docs/FORMAT.md, "References"). The flags live in 64-bit words; ``take_rank`` (encoder) popcounts the
   words before an entry, ``take_unused`` (decoder) selects the set bit of a rank: ``pdep`` + ``tzcnt``
@@ -55,6 +56,27 @@ def get_varint(buf, pos, end):
     return value, -1
 
 
+MAX_HEADER_VARINT_BYTES = 5
+"""The longest varint of a stream header (version 3's counts of a record batch's misses, escapes, segment
+bytes): values < 2**35."""
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def get_header_varint(buf, pos, end):
+    """get_varint for header counts: (value, new_pos); new_pos = -1 if it runs past ``end`` or is longer
+    than MAX_HEADER_VARINT_BYTES."""
+    value = np.int64(0)
+    for i in range(MAX_HEADER_VARINT_BYTES):
+        if pos >= end:
+            return value, -1
+        byte = np.int64(buf[pos])
+        pos += 1
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value, pos
+    return value, -1
+
+
 def varint_reference(value: int) -> bytes:
     """Plain Python reference of put_varint: the varint bytes of ``value``."""
     out = bytearray()
@@ -87,6 +109,12 @@ def _popcount(typingctx, x):
     if not isinstance(x, numba.types.Integer):
         return None
     return x(x), lambda context, builder, sig, args: builder.ctpop(args[0])
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def popcount(x):
+    """Number of set bits of a 64-bit word, as int64 (codec3's signature overlaps)."""
+    return np.int64(_popcount(np.uint64(x)))
 
 
 @intrinsic

@@ -9,6 +9,12 @@ sequential read of the file; ``verify_checksums=False`` skips it), so a damaged 
 the file rather than wrong numbers. ``Cache.tokenizer()`` opens the cache's copy of the teacher's tokenizer
 the same way: its files checked first (no links, bounded sizes and JSON), the loaded tokenizer compared with
 the manifest's fingerprint.
+
+A cache may live at an fsspec URL (s3://, gs://, hf://, ...): ``Cache.open(URL)`` reads it through a local
+mirror (format.mirror: the manifest and tokenizer downloaded on open, each shard streamed down through its
+SHA-256 when first opened, ``prefetch`` shards ahead of the reader, an optional LRU ``cache_dir``), and
+``CacheWriter(publish=...)`` hands each finished file to the remote build (teacher.remote_build), which uploads
+it. A local path is read and written exactly as before.
 """
 
 from __future__ import annotations
@@ -16,16 +22,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from teachercache.errors import (CacheCorruptError, CacheFormatError, CacheLimitError, CachePathError,
+from teachercache.errors import (CacheCorruptError, CacheError, CacheFormatError, CacheLimitError, CachePathError,
                                   TokenizerLoadError)
 from teachercache.format import schema as S
 from teachercache.format.batch import RowBatch
-from teachercache.format.manifest import (SHARDS_DIR, TOKENIZER_DIR, DataInfo, Manifest, TargetSpec, TeacherInfo,
-                                          TokenizerInfo, Totals, read_json_file, read_manifest, resolve_in_cache,
-                                          shard_file_name, tokenizer_fingerprint, write_manifest)
+from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, TOKENIZER_DIR, DataInfo, Manifest, TargetSpec,
+                                          TeacherInfo, TokenizerInfo, Totals, read_json_file, read_manifest,
+                                          resolve_in_cache, shard_file_name, tokenizer_fingerprint, write_manifest)
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, ShardReader, ShardWriter, file_kind, file_sha256
+from teachercache.format.storage import is_url, open_storage
 
 DEFAULT_SHARD_BYTES = 512 << 20
 """A new shard is started once the current one holds this many (compressed) bytes."""
@@ -37,18 +44,55 @@ released model is about 35 MB)."""
 
 
 class Cache:
-    """A complete cache opened for reading."""
+    """A complete cache opened for reading. ``path`` is its directory; for a cache at a URL, the local view
+    that holds its manifest and tokenizer (``mirror`` then fetches the shards, ``location`` is the URL)."""
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest, verify_checksums: bool = True):
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, verify_checksums: bool = True, mirror=None):
         self.path = Path(path)
         self.manifest = manifest
         self.layout = manifest.layout
         self.verify_checksums = verify_checksums
         self._verified: set[int] = set()
+        self.mirror = mirror
+        """format.mirror.Mirror of a cache at a URL, else None."""
+        self.location = mirror.storage.location() if mirror is not None else str(path)
+        """The cache as the user named it: its URL or its path."""
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify_checksums: bool = True) -> "Cache":
-        return cls(path, read_manifest(path), verify_checksums)
+    def open(cls, path: str | os.PathLike, verify_checksums: bool = True, *, cache_dir: str | os.PathLike | None = None,
+             cache_dir_bytes: int | None = None, prefetch_shards: int | None = None,
+             storage_options: dict | None = None) -> "Cache":
+        """Open the cache at ``path``: a directory, or an fsspec URL. For a URL only: ``cache_dir`` keeps the
+        downloaded shards (LRU, at most ``cache_dir_bytes``; none: a temporary directory keeps only those in
+        use), ``prefetch_shards`` downloads ahead of the reader (default format.mirror.DEFAULT_PREFETCH_SHARDS),
+        ``storage_options`` go to fsspec (format.storage has the credentials and endpoints)."""
+        if not is_url(path):
+            return cls(path, read_manifest(path), verify_checksums)
+        from teachercache.format.mirror import DEFAULT_PREFETCH_SHARDS, Mirror
+
+        mirror = Mirror(open_storage(path, storage_options), cache_dir, cache_dir_bytes,
+                        DEFAULT_PREFETCH_SHARDS if prefetch_shards is None else prefetch_shards)
+        manifest = mirror.read_manifest()
+        return cls(mirror.view, manifest, verify_checksums, mirror)
+
+    def shard_location(self, i: int) -> str:
+        """Shard ``i`` as a message names it: its URL, or its path in the cache directory."""
+        if self.mirror is not None:
+            return self.mirror.storage.location(self.shards[i].file)
+        return str(self.path / self.shards[i].file)
+
+    def prefetch(self, order: Sequence[int]) -> None:
+        """The shards (indices) in the order they will be read: a cache at a URL starts downloading the first
+        ones now and keeps ``prefetch_shards`` ahead of the reader. Nothing for a local cache."""
+        if self.mirror is not None:
+            self.mirror.plan([self.shards[i] for i in order])
+
+    def _fetched(self, i: int) -> Path:
+        """The local copy of shard ``i`` of a cache at a URL (verified while it was downloaded)."""
+        path = self.mirror.fetch(self.shards[i], verify=self.verify_checksums and i not in self._verified)
+        if self.verify_checksums:
+            self._verified.add(i)
+        return path
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -59,6 +103,8 @@ class Cache:
 
     def regular_shard_path(self, i: int) -> Path:
         """shard_path(i), refused (naming the file as the manifest lists it) unless it is a regular file."""
+        if self.mirror is not None:
+            return self._fetched(i)
         path, listed = self.shard_path(i), self.path / self.shards[i].file
         if not path.exists():
             raise CacheCorruptError(listed, "the shard file is missing",
@@ -70,6 +116,9 @@ class Cache:
 
     def check_shard(self, i: int) -> None:
         """Compare shard ``i``'s size and SHA-256 with the manifest; CacheCorruptError if they differ."""
+        if self.mirror is not None:  # while it streams down (or, a copy kept in cache_dir, hashed again)
+            self.mirror.fetch(self.shards[i], verify=True)
+            return
         info, path = self.shards[i], self.regular_shard_path(i)
         size = path.stat().st_size
         if size != info.bytes:
@@ -79,6 +128,8 @@ class Cache:
                                     "rebuild the cache or restore the file")
 
     def open_shard(self, i: int, columns: Sequence[str] | None = None) -> ShardReader:
+        if self.mirror is not None:
+            return ShardReader(self._fetched(i), self.layout, columns)
         if self.verify_checksums and i not in self._verified:
             self.check_shard(i)
             self._verified.add(i)
@@ -86,13 +137,24 @@ class Cache:
 
     def iter_batches(self, columns: Sequence[str] | None = None,
                      shards: Sequence[int] | None = None) -> Iterator[RowBatch]:
-        for i in range(len(self.shards)) if shards is None else shards:
+        order = range(len(self.shards)) if shards is None else shards
+        self.prefetch(order)
+        for i in order:
             with self.open_shard(i, columns) as reader:
                 yield from reader
 
     def tokenizer(self):
         """The cache's copy of the teacher's tokenizer: its files checked (``check_tokenizer_files``), loaded by
-        transformers without running code, then compared with the manifest (``check_tokenizer``)."""
+        transformers without running code, then compared with the manifest (``check_tokenizer``). A cache at a
+        URL: its files were downloaded on open, and errors name the URL."""
+        if self.mirror is not None:
+            try:
+                return self._tokenizer()
+            except CacheError as e:
+                raise e.naming(str(self.path), self.location) from None
+        return self._tokenizer()
+
+    def _tokenizer(self):
         directory = check_tokenizer_files(self.path)
         try:
             tokenizer = load_tokenizer_without_code(directory, local_files_only=True)
@@ -100,6 +162,13 @@ class Cache:
             raise CacheFormatError(directory, e.problem, _NO_CODE_FIX if e.custom_code else _TOKENIZER_FIX) from None
         check_tokenizer(self.manifest, tokenizer, directory)
         return tokenizer
+
+
+def is_cache(location: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """Whether ``location`` (a directory or a URL) holds a manifest.json: a complete cache, not a text file."""
+    if is_url(location):
+        return open_storage(location, storage_options).exists(MANIFEST_NAME)
+    return (Path(location) / MANIFEST_NAME).is_file()
 
 
 _TOKENIZER_FIX = ("restore the tokenizer files the build wrote (save_pretrained of the teacher's tokenizer) or "
@@ -210,11 +279,15 @@ class CacheWriter:
     ``finish`` with every rank's ShardInfos; the build issue's torchrun path does that after a barrier.
     Each ``write`` becomes one Arrow record batch, the unit of compression and of decoding: give it
     thousands of target positions (references to earlier positions only hit where contexts repeat).
+    ``publish``, when given, is called with the relative path of each file once it is complete (a closed shard,
+    then the manifest): a build into a URL writes into a local staging directory and uploads from there.
     """
 
     def __init__(self, path: str | os.PathLike, layout: S.Layout, *, rank: int = 0,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, first_index: int = 0, zstd_level: int = ZSTD_LEVEL):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, first_index: int = 0, zstd_level: int = ZSTD_LEVEL,
+                 publish: Callable[[str], None] | None = None):
         self.path = Path(path)
+        self.publish = publish
         self.layout = layout
         self.rank = rank
         self.shard_bytes = shard_bytes
@@ -239,6 +312,8 @@ class CacheWriter:
             return None
         writer, self._current = self._current, None
         writer.__exit__(None, None, None)
+        if self.publish is not None:
+            self.publish(writer.info.file)
         self.shards.append(writer.info)
         self.next_index += 1
         return writer.info
@@ -257,6 +332,8 @@ class CacheWriter:
         manifest = Manifest(layout=self.layout, targets=targets, teacher=teacher, tokenizer=tokenizer,
                             data=data, shards=shards, totals=Totals.of(shards), extra=extra or {})
         write_manifest(self.path, manifest)
+        if self.publish is not None:
+            self.publish(MANIFEST_NAME)
         return manifest
 
     def __enter__(self) -> "CacheWriter":

@@ -137,7 +137,16 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     """Free-form build details (options, versions, timings); not needed to read the cache."""
     format: str = S.FORMAT_NAME
-    format_version: int = S.FORMAT_VERSION
+    format_version: int | None = None
+    """The format version of the shards: the layout's (``layout.format_version``); None when building one
+    takes it from the layout."""
+
+    def __post_init__(self):
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", self.layout.format_version)
+        elif self.format_version != self.layout.format_version:
+            raise ValueError(f"format_version {self.format_version} differs from the layout's "
+                             f"{self.layout.format_version}")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -236,10 +245,10 @@ def _parse_manifest(raw, where: str) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != S.FORMAT_NAME:
         raise CacheFormatError(where, f"field format: expected {S.FORMAT_NAME!r}")
     version = raw.get("format_version")
-    if type(version) is not int or version != S.FORMAT_VERSION:
-        raise CacheVersionError(where, f"field format_version: {_brief(version)}, this reader reads version "
-                                f"{S.FORMAT_VERSION}", S.version_hint(version))
-    values = {"layout": _parse_layout(_expect(raw, "layout", dict, where), where)}
+    if type(version) is not int or version not in S.READABLE_VERSIONS:
+        raise CacheVersionError(where, f"field format_version: {_brief(version)}, this reader reads "
+                                f"{S.readable_versions_text()}", S.version_hint(version))
+    values = {"layout": _parse_layout(_expect(raw, "layout", dict, where), where, version)}
     hints = _hints(Manifest)
     for f in dataclasses.fields(Manifest):
         if f.name == "layout":
@@ -468,9 +477,9 @@ def _shard_info(entry: dict) -> ShardInfo:
     return info
 
 
-def _parse_layout(raw: dict, where: str) -> S.Layout:
-    """The layout, with its lists bounded before they are built, its values finite and its hidden layers
-    distinct (a layer listed twice would be two columns of one name)."""
+def _parse_layout(raw: dict, where: str, format_version: int) -> S.Layout:
+    """The layout (of the manifest's format version), with its lists bounded before they are built, its
+    values finite and its hidden layers distinct (a layer listed twice would be two columns of one name)."""
     layers, quantizer = raw.get("hidden_layers"), raw.get("quantizer")
     if isinstance(layers, list) and len(layers) > MAX_HIDDEN_LAYERS:
         raise _limit(where, "layout.hidden_layers", layers, MAX_HIDDEN_LAYERS, " layers")
@@ -479,7 +488,7 @@ def _parse_layout(raw: dict, where: str) -> S.Layout:
         if isinstance(values, list) and len(values) > MAX_QUANTIZER_PIECES:
             raise _limit(where, f"layout.quantizer.{name}", values, MAX_QUANTIZER_PIECES, " pieces")
     try:
-        layout = S.Layout.from_dict(raw)
+        layout = S.Layout.from_dict(raw, format_version)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CacheFormatError(where, f"field layout: {_brief(e, 300)}") from None
     q = layout.quantizer
@@ -559,8 +568,12 @@ def _plain_parts(relative: str, where: str) -> list[str]:
 
 
 def resolve_in_cache(cache_dir: str | os.PathLike, relative: str, where: str | None = None) -> Path:
-    """Resolve a manifest path inside the cache; refuse anything that could point outside it."""
+    """Resolve a manifest path inside the cache; refuse anything that could point outside it. A reference to
+    another cache's shard (``is_reference``) resolves inside that cache, which ``referenced_cache`` checks."""
     where = where or str(Path(cache_dir) / MANIFEST_NAME)
+    if is_reference(relative):
+        base, _, name = relative.rpartition(f"/{SHARDS_DIR}/")
+        return resolve_in_cache(referenced_cache(cache_dir, base, where), f"{SHARDS_DIR}/{name}", where)
     _plain_parts(relative, where)
     root = Path(cache_dir).resolve()
     path = (root / relative).resolve()
@@ -576,8 +589,15 @@ def confine_paths(cache_dir: str | os.PathLike, files: list[str], where: str) ->
     if (i := _first(map(operator.gt, map(len, files), repeat(MAX_PATH_CHARS)))) is not None:
         _plain_parts(files[i], where)  # raises
     matches = list(map(_PLAIN_PATH.fullmatch, files))
+    references: dict[str, list[str]] = {}
     for relative in itertools.compress(files, map(operator.not_, matches)):
-        resolve_in_cache(cache_dir, relative, where)  # another spelling ('a//b', './a'): refused or checked alone
+        if is_reference(relative):  # another cache's shard: confined to that cache, checked once per cache
+            base, _, name = relative.rpartition(f"/{SHARDS_DIR}/")
+            references.setdefault(base, []).append(f"{SHARDS_DIR}/{name}")
+        else:
+            resolve_in_cache(cache_dir, relative, where)  # another spelling ('a//b', './a'): refused or checked alone
+    for base, names in references.items():
+        confine_paths(referenced_cache(cache_dir, base, where), names, where)
     plain = list(itertools.compress(files, matches))
     root = os.path.realpath(cache_dir)
     inside = root if root.endswith(os.sep) else root + os.sep
@@ -600,6 +620,44 @@ def confine_paths(cache_dir: str | os.PathLike, files: list[str], where: str) ->
 
 _PLAIN_PATH = re.compile(r"(?:(?!\.\.?/)[^/\\\x00]+/)*(?!\.\.?$)[^/\\\x00]+")
 """A relative path of non-empty components, none of them '.' or '..', without backslashes or NULs."""
+_REFERENCE = re.compile(r"(?:\.\./)+(?:(?!\.\.?/)[^/\\\x00]+/)+" + re.escape(SHARDS_DIR) + r"/[^/\\\x00]+\.arrow")
+"""A reference to another cache's shard: one or more '..', the plain components that lead from there to the
+other cache's directory (at least one), then shards/NAME.arrow."""
+
+
+def is_reference(relative: str) -> bool:
+    """Whether a manifest's shard path names a shard of another cache (written by ``teachercache merge``
+    without --copy): ``../`` once or more, the path to that cache's directory, then ``shards/NAME.arrow``,
+    e.g. ``../slice-0/shards/part-r000-00000.arrow``. Any other path must stay inside the cache."""
+    return len(relative) <= MAX_PATH_CHARS and _REFERENCE.fullmatch(relative) is not None
+
+
+_REFERENCE_FIX = ("the merged cache reads its parts' shards where they lie: put the part back, or merge the parts "
+                  "again with --copy")
+
+
+def referenced_cache(cache_dir: str | os.PathLike, base: str, where: str) -> str:
+    """The real path of the cache directory that a reference's ``base`` (its path up to /shards/) names from
+    ``cache_dir``; CachePathError unless it is a complete cache (a directory holding manifest.json) on the
+    filesystem of ``cache_dir`` itself. A reference never leaves the filesystem: a reader elsewhere may mount
+    two filesystems apart, and a relative path across them would name another file or none."""
+    root = os.path.realpath(cache_dir)
+    other = os.path.realpath(os.path.join(root, base))
+    try:
+        devices = {os.stat(root).st_dev, os.stat(other).st_dev}
+        shards = os.path.join(other, SHARDS_DIR)
+        if os.path.isdir(shards):
+            devices.add(os.stat(shards).st_dev)
+    except OSError:
+        raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: the cache it references, {other}, does "
+                             "not exist", _REFERENCE_FIX) from None
+    if len(devices) > 1:
+        raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: the cache it references, {other}, lies on "
+                             "another filesystem; references stay within one filesystem", _REFERENCE_FIX)
+    if not os.path.isfile(os.path.join(other, MANIFEST_NAME)):
+        raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: {other} is not a complete cache (it has "
+                             f"no {MANIFEST_NAME}); a reference may only name another cache's shard", _REFERENCE_FIX)
+    return other
 
 
 def _symlink_names(directory: str) -> list[str] | None:

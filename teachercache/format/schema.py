@@ -20,13 +20,23 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 FORMAT_NAME = "teachercache"
-FORMAT_VERSION = 2
-"""Version 2 (2026-11-29): hits bitmap + ranks replaced version 1's one varint per entry in target_refs."""
+FORMAT_VERSION = 3
+"""The version new caches are written in. Version 3 (2026-12-08): the target streams of docs/FORMAT.md
+("Version 3"); the same columns as version 2. Version 2 (2026-11-29): hits bitmap + ranks replaced
+version 1's one varint per entry in target_refs."""
+READABLE_VERSIONS = (2, 3)
+"""The versions this release opens and decodes: a cache is never rebuilt for a library upgrade."""
+
+
+def readable_versions_text() -> str:
+    """'versions 2 and 3', for messages."""
+    *head, last = (str(v) for v in READABLE_VERSIONS)
+    return f"versions {', '.join(head)} and {last}" if head else f"version {last}"
 
 
 def version_hint(version) -> str:
-    """What to do with a cache of another format version."""
-    if type(version) is int and 1 <= version < FORMAT_VERSION:
+    """What to do with a cache of a format version this release does not read."""
+    if type(version) is int and 1 <= version < min(READABLE_VERSIONS):
         return (f"it was written by an older teachercache (format {version}); rebuild it with this one, "
                 "or read it with the release that wrote it")
     return "use a teachercache release that reads it"
@@ -45,12 +55,13 @@ TARGET_SIZES = "target_sizes"    # list<uint16>: number of stored ids per target
 LABEL_LOGPROB = "label_logprob"  # list<uint16>: teacher log-prob of the actual next token (nats16 code)
 REST_MASS = "rest_mass"          # list<uint16>: teacher mass outside the stored ids (round(rest * 65535))
 ENTROPY = "entropy"              # list<uint16>: teacher entropy over the full vocabulary (nats16 code)
-# Per-entry streams (encoded bytes, see teachercache.format.codec). Decoding them needs input_ids and
-# target_mask too: they pick each position's reference position.
-TARGET_IDS = "target_ids"        # list<uint8>: id symbols of the misses, little-endian byte planes
-TARGET_VALUES = "target_values"  # list<uint8>: LEB128 varints of quantised -log-prob deltas
-TARGET_HITS = "target_hits"      # list<uint8>: bitmap, one bit per entry of the row (LSB first): 1 = hit
-TARGET_REFS = "target_refs"      # list<uint8>: LEB128 varint per hit: its rank among the reference's unused ids
+# Per-entry streams (encoded bytes, see teachercache.format.codec; docs/FORMAT.md gives both versions).
+# Decoding them needs input_ids and target_mask too: they pick each position's reference position. In
+# version 3 each is one stream of the record batch, in its first row's list; in version 2 one per row.
+TARGET_IDS = "target_ids"        # list<uint8>: the misses' ids (v3: a table and ranks; v2: byte planes)
+TARGET_VALUES = "target_values"  # list<uint8>: quantised -log-prob deltas (v3: tokens by group; v2: varints)
+TARGET_HITS = "target_hits"      # list<uint8>: bitmap, one bit per entry (LSB first): 1 = hit
+TARGET_REFS = "target_refs"      # list<uint8>: (v3: a selector byte per position, then) a rank varint per hit
 TARGET_COUNTS = "target_counts"  # list<uint8>: LEB128 varints of (draw count - 1); sampled targets only
 TARGET_STREAMS = (TARGET_IDS, TARGET_VALUES, TARGET_HITS, TARGET_REFS, TARGET_COUNTS)
 HIDDEN_PREFIX = "hidden_"        # list<uint16>: P*H raw 16-bit floats per row, one column per layer
@@ -130,8 +141,13 @@ class Layout:
     """16-bit float type of the stored hidden states: bfloat16 or float16."""
     quantizer: Quantizer = field(default_factory=Quantizer)
     """How -log p of the stored entries is quantised."""
+    format_version: int = FORMAT_VERSION
+    """How the target streams are encoded (one of READABLE_VERSIONS). Not part of the layout JSON: it is
+    the manifest's ``format_version`` and each shard's ``teachercache.format_version`` metadata."""
 
     def __post_init__(self):
+        if self.format_version not in READABLE_VERSIONS:
+            raise ValueError(f"Layout: format_version {self.format_version!r} is not one of {READABLE_VERSIONS}")
         if not 1 <= self.vocab_size <= 1 << 24:
             raise ValueError(f"Layout: vocab_size {self.vocab_size} must be in [1, 2**24]")
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -158,23 +174,26 @@ class Layout:
                  **{name: pa.uint8() for name in TARGET_STREAMS}}
         fields = [pa.field(name, pa.list_(types.get(name, pa.uint16())), nullable=False)
                   for name in self.columns()]
-        meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: str(FORMAT_VERSION).encode(),
+        meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: str(self.format_version).encode(),
                 META_LAYOUT: json.dumps(self.to_dict(), sort_keys=True).encode()}
         return pa.schema(fields, metadata=meta)
 
     def to_dict(self) -> dict:
+        """The layout JSON of the manifest and the shards' metadata (without format_version, stored beside it)."""
         d = asdict(self)
+        del d["format_version"]
         d["hidden_layers"] = list(self.hidden_layers)
         d["quantizer"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["quantizer"].items()}
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Layout":
-        """Build from a dict (manifest or schema metadata); raises KeyError/TypeError/ValueError on bad input."""
+    def from_dict(cls, d: dict, format_version: int = FORMAT_VERSION) -> "Layout":
+        """Build from a dict (manifest or schema metadata) and the format version stored beside it; raises
+        KeyError/TypeError/ValueError on bad input."""
         q = d["quantizer"]
         quantizer = Quantizer(starts=tuple(float(x) for x in q["starts"]),
                               steps=tuple(float(x) for x in q["steps"]), max_nats=float(q["max_nats"]))
         return cls(vocab_size=int(d["vocab_size"]), sampled=bool(d["sampled"]),
                    hidden_layers=tuple(int(x) for x in d["hidden_layers"]),
                    hidden_width=int(d["hidden_width"]), hidden_dtype=str(d["hidden_dtype"]),
-                   quantizer=quantizer)
+                   quantizer=quantizer, format_version=format_version)

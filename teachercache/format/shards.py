@@ -275,11 +275,14 @@ def check_schema(schema: pa.Schema, layout: S.Layout, where: str) -> None:
     if meta.get(S.META_FORMAT) != S.FORMAT_NAME.encode():
         raise CacheFormatError(where, "not a teachercache shard (schema metadata lacks the format name)")
     version = meta.get(S.META_VERSION, b"?").decode(errors="replace")
-    if version != str(S.FORMAT_VERSION):
-        raise CacheVersionError(where, f"shard format version {version}, this reader reads version "
-                                f"{S.FORMAT_VERSION}", S.version_hint(int(version) if version.isdigit() else None))
+    if version not in [str(v) for v in S.READABLE_VERSIONS]:
+        raise CacheVersionError(where, f"shard format version {version}, this reader reads "
+                                f"{S.readable_versions_text()}", S.version_hint(int(version) if version.isdigit() else None))
+    if version != str(layout.format_version):
+        raise CacheFormatError(where, f"shard format version {version}, the manifest says {layout.format_version}",
+                               "the shard does not belong to this cache; restore it or rebuild the cache")
     try:
-        shard_layout = S.Layout.from_dict(json.loads(meta.get(S.META_LAYOUT, b"")))
+        shard_layout = S.Layout.from_dict(json.loads(meta.get(S.META_LAYOUT, b"")), layout.format_version)
     except (ValueError, KeyError, TypeError) as e:
         raise CacheFormatError(where, f"schema metadata {S.META_LAYOUT.decode()} is unreadable ({e})") from None
     if shard_layout != layout:

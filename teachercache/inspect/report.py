@@ -131,6 +131,7 @@ def inspect_cache(path: str | os.PathLike, sample_batches: int = 4) -> dict:
     cache = Cache.open(path)  # checksums first: a damaged shard is an error, not a summary of garbage
     m = cache.manifest
     whole, per_shard = _Tally(), []
+    cache.prefetch(range(len(cache.shards)))  # a cache at a URL: downloads start ahead of the reader
     for i, info in enumerate(cache.shards):
         shard = _Tally()
         with cache.open_shard(i, columns=_COLUMNS) as reader:

@@ -1,8 +1,8 @@
 """`teachercache verify`: is a cache sound?
 
-Format-level checks (manifest, version, paths, declared sizes, every shard's size, SHA-256, schema and
-counts; the tokenizer/ files, loaded and compared with the manifest's fingerprint; no symbolic link on the
-way to any file read), each a Fault naming the file; ``deep=True`` also decodes every row and checks its
+Format-level checks (manifest, format version (3, or 2 for caches written before it; each shard's must be
+its manifest's), paths, declared sizes, every shard's size, SHA-256, schema and counts; the tokenizer/
+files, loaded and compared with the manifest's fingerprint; no symbolic link on the way to any file read), each a Fault naming the file; ``deep=True`` also decodes every row and checks its
 values (ids in range and distinct, log-probs, stored + rest mass = 1 within the quantiser's tolerance,
 labels, draw counts, hidden states), each fault named by shard, row and position. docs/inspect.md lists
 every check and its tolerance.
@@ -10,9 +10,10 @@ every check and its tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,13 @@ def verify_cache(path: str | os.PathLike, deep: bool = False) -> list[Fault]:
         except CacheError as e:
             faults.append(Fault(e.path, e.problem))
     faults += _check_tokenizer(cache)
+    if cache.mirror is not None:  # a cache at a URL: its shards/ prefix, listed
+        listed = {PurePosixPath(info.file).name for info in cache.shards if info.file.startswith(f"{SHARDS_DIR}/")}
+        for extra in sorted(n for n in cache.mirror.storage.list(SHARDS_DIR) if n.endswith(".arrow")):
+            if extra not in listed:
+                faults.append(Fault(cache.mirror.storage.location(f"{SHARDS_DIR}/{extra}"),
+                                    "shard file is not listed in the manifest"))
+        return list(dict.fromkeys(faults))
     listed = {os.path.normpath(cache.path / info.file) for info in cache.shards}  # as named, links not followed
     shard_dir = Path(path) / SHARDS_DIR
     if shard_dir.is_dir() and not shard_dir.is_symlink():
@@ -124,7 +132,7 @@ def _check_record(record: pa.RecordBatch, cache: Cache, file: str, first_row: in
     try:
         batch = decode_batch(record, layout, where=file)
     except CacheCorruptError as refused:
-        relaxed = S.Layout.from_dict({**layout.to_dict(), "vocab_size": min(1 << (8 * layout.id_bytes), 1 << 24)})
+        relaxed = dataclasses.replace(layout, vocab_size=min(1 << (8 * layout.id_bytes), 1 << 24))  # same version
         try:  # decode again without the vocabulary bound, to name the positions at fault
             batch = decode_batch(record, relaxed, where=file)
         except CacheCorruptError:

@@ -246,7 +246,8 @@ def export_cache(path: str | os.PathLike, out: str | os.PathLike, options: Expor
         _check_replaceable(out, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = options_record(options, frozenset({"overwrite"})) | {
-        "cache": str(source), "manifest_sha256": file_sha256(cache.path / MANIFEST_NAME)}
+        "cache": str(source) if cache.mirror is None else cache.location,
+        "manifest_sha256": file_sha256(cache.path / MANIFEST_NAME)}
     if settings is None:
         return _write_hf(cache, out, record)
     rows = _write_axolotl(cache, out, options, record | {"axolotl": settings.record()},

@@ -9,8 +9,10 @@ queue has room (``queue_batches`` bounds memory); one forward batch becomes one 
 stopped: the options that decide the cache's content are recorded in its marker (format.outputs) when the
 build claims the directory, and a resumed build with any of them changed is refused. Bad input records are
 skipped and listed in skipped.jsonl. Under torchrun, rank r of w takes rows i with i mod w = r and rank 0
-writes the one manifest. docs/build.md ("How the teacher pass works") has the details: targets computed in
-the writer thread for a CPU teacher, the resume state, the ranks.
+writes the one manifest; ``--slice i/n`` builds only the rows g with g mod n = i (format.slices), shared out
+over the ranks the same way, for `teachercache merge` to join (docs/scale.md); ``sample_pass`` is the
+sample of --estimate (teacher.estimate). docs/build.md ("How the teacher pass works") has the details:
+targets computed in the writer thread for a CPU teacher, the resume state, the ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +41,14 @@ from teachercache.format.manifest import (MANIFEST_NAME, SHARDS_DIR, STATE_DIR, 
                                           write_json_atomic)
 from teachercache.format.outputs import MARKER, check_output, identify, options_record, write_marker
 from teachercache.format.shards import ZSTD_LEVEL, ShardInfo, file_sha256
+from teachercache.format.storage import is_url
+from teachercache.format.slices import EXTRA_KEY as SLICE_KEY
+from teachercache.format.slices import Slice
 from teachercache.runtime import load_causal_lm, pad_id, rank_and_world, resolve_device, resolve_dtype
 from teachercache.teacher.corpus import (BadRecord, DataOptions, DocumentCounts, TooManyBadRecords, count_documents,
                                          data_fingerprint, iter_packed_rows, scan_inputs)
 from teachercache.teacher.head import SplitHead, split_head
+from teachercache.teacher.remote_build import build_remote, staged
 from teachercache.teacher.targets import (check_spec, compute_targets, join_targets, position_targets,
                                          position_uniforms)
 
@@ -107,6 +113,9 @@ class BuildOptions:
     """Under torchrun: ranks that hold one teacher together by tensor parallelism (transformers' plan for the
     family) and run the same rows; the world's ranks form world / tp_size such groups, which share out the
     rows. 1: every rank holds a whole teacher."""
+    slice: str | None = None
+    """i/n: write only slice i of n (the rows g with g mod n = i of the one-job build), as a complete cache of
+    its own; `teachercache merge` joins the n slices' caches into one (docs/scale.md). None: every row."""
     hidden_layers: tuple[int, ...] = ()
     """Hidden-state layers to store (0 = embeddings output, L = last layer), at target positions."""
     hidden_dtype: str = "bfloat16"
@@ -141,6 +150,8 @@ class BuildOptions:
                          integer=True)
         check_number("build", "head_chunk (--head-chunk)", self.head_chunk, low=0, integer=True)
         check_number("build", "tp_size (--tp-size)", self.tp_size, low=1, integer=True)
+        if self.slice is not None:
+            Slice.parse(self.slice)
         if self.tp_size > 1 and self.device_map is not None:
             raise BuildError("--tp-size and --device-map together: tensor parallelism places the teacher over "
                              "the ranks of torchrun, --device-map over one process's devices; give one")
@@ -234,6 +245,8 @@ def content_record(options: BuildOptions, device, dtype, world: int) -> dict:
     sizes, modification times)."""
     values = {**asdict(options), "device": device.type, "dtype": str(dtype).replace("torch.", ""),
               "world_size": world, "data": {**asdict(options.data), "fingerprint": data_fingerprint(options.data)[:16]}}
+    if options.slice is None:
+        del values["slice"]  # the record of a whole build stays what it was before --slice existed
     return options_record(values, safe=SAFE)
 
 
@@ -249,6 +262,13 @@ def _check_paths(options: BuildOptions) -> None:
         if out == data or out in data.parents:
             raise BuildError(f"--data {given} lies inside --out {options.out}: replacing or resuming the cache "
                              "could delete it; move the data or choose another --out")
+
+
+def _publish(out: Path, relative: str) -> None:
+    """A build into a URL stages its files in a local directory (teacher.remote_build): copy ``relative``, just
+    written (or deleted) there, to the URL. Nothing for a local --out."""
+    if (remote := staged(out)) is not None:
+        remote.publish(relative)
 
 
 def _note(message: str) -> None:
@@ -350,6 +370,7 @@ def _prepare_dir(options: BuildOptions, rank: int, record: dict):
             if mode == "overwrite":
                 _clear(out)
             _writable(lambda: write_marker(out, "cache", record), out)
+            _publish(out, MARKER)
             resume = mode == "resume"
         return _writable(lambda: _check_shards(rank, out, resume), out), lock
     except BaseException:
@@ -369,11 +390,15 @@ def _clear(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     _writable(delete, out)
+    if (remote := staged(out)) is not None:
+        remote.clear()
 
 
 def _check_shards(rank: int, out: Path, resume: bool) -> dict:
     """This rank's resume state (its closed shards, their checksums checked), {} for a fresh start; any other
     file of the rank's in shards/ (an unfinished shard of an interrupted run) is removed."""
+    if (remote := staged(out)) is not None:
+        return remote.check_shards(rank, resume)
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_DIR / f"rank-{rank:03d}.json"
     state = json.loads(state_path.read_text()) if (resume and state_path.exists()) else {}
@@ -403,19 +428,25 @@ def _lock(out: Path, rank: int):
 # The pass.
 
 
-def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int, world: int, skip_rows: int):
-    """(global row indices, rows) per batch of this rank, after the first ``skip_rows`` of its rows."""
+def _batches(options: BuildOptions, tokenizer, counts: DocumentCounts, rank: int, world: int, skip_rows: int,
+             limit: int | None = None):
+    """(global row indices, rows) per batch of this rank, after the first ``skip_rows`` of its rows. The build's
+    rows are every row, or those of --slice i/n (global row g with g mod n = i); the k-th of them goes to rank
+    k mod world (format.slices). ``limit``: stop after this many rows of the rank's (the sample of --estimate)."""
+    part = Slice.parse(options.slice) if options.slice is not None else Slice(0, 1)
     mine, seen = [], 0
     for i, row in enumerate(iter_packed_rows(options.data, tokenizer, counts)):
-        if i % world != rank:
+        if not part.holds(i) or part.position(i) % world != rank:
             continue
         seen += 1
         if seen <= skip_rows:
             continue
         mine.append((i, row))
-        if len(mine) == options.batch_size:
+        if len(mine) == options.batch_size or seen == limit:
             yield mine
             mine = []
+        if seen == limit:
+            return
     if mine:
         yield mine
 
@@ -558,8 +589,8 @@ class _Writer(threading.Thread):
                 self.rows_done = rows_done
                 if len(self.writer.shards) > n_shards:
                     self._save()
-            if self.writer.close_shard() is not None:
-                self._save()
+            if self.writer.close_shard() is not None or not self.state_path.exists():
+                self._save()  # a rank that closed no shard (it had no rows) says so: the manifest reads every rank
         except BaseException as e:  # handed to the main thread
             self.error = e
             self.writer.abort()
@@ -575,10 +606,14 @@ class _Writer(threading.Thread):
         """The shards closed so far and the rows they cover, atomically."""
         write_json_atomic(self.state_path, {"shards": [asdict(s) for s in self.writer.shards],
                                             "rows_done": self.rows_done})
+        _publish(self.state_path.parent.parent, f"{STATE_DIR}/{self.state_path.name}")
 
 
 def build_cache(options: BuildOptions) -> BuildResult:
-    """Run the teacher over the data and write a complete cache (see the module docstring)."""
+    """Run the teacher over the data and write a complete cache (see the module docstring). An --out that is a URL
+    is built in a local staging directory and published file by file (teacher.remote_build)."""
+    if is_url(options.out):
+        return build_remote(options)
     try:
         return _build_cache(options)
     except Exception as e:
@@ -625,6 +660,7 @@ def _build_cache(options: BuildOptions) -> BuildResult:
     try:
         if rank == 0:
             _writable(lambda: tokenizer.save_pretrained(Path(options.out) / TOKENIZER_DIR), Path(options.out))
+            _publish(Path(options.out), TOKENIZER_DIR)
             report = _SkipReport(Path(options.out), scan_inputs(options.data.paths).ignored)
             counts.on_bad = report
         writer = _open_writer(options, model, vocab_size, group, state) if lead else None
@@ -636,6 +672,9 @@ def _build_cache(options: BuildOptions) -> BuildResult:
                              "finished so far are kept: run the same command with --resume") from None
         if report is not None:
             report.close()  # complete before the manifest says the cache is
+        if rows_done == 0 and world == 1 and options.slice is not None and counts.used:
+            raise BuildError(f"--slice {options.slice}: the slice holds no rows, the corpus packs into fewer rows "
+                             "than there are slices; run fewer slices (a smaller n)")
         if rows_done == 0 and world == 1:
             raise BuildError(f"{', '.join(options.data.paths)}: the corpus gave no rows ({counts.read} documents "
                              f"read, skipped: {dict(counts.skipped) or 'none'}); no shard was written: correct "
@@ -693,6 +732,7 @@ class _SkipReport:
     def __init__(self, out: Path, ignored: list):
         self.path, self.file, self.shown = out / SKIPPED_NAME, None, 0
         self.path.unlink(missing_ok=True)
+        _publish(out, SKIPPED_NAME)
         self.ignored = [str(f) for f, _ in ignored]
         for i, (f, why) in enumerate(ignored):
             if i < SHOW_BAD:
@@ -715,8 +755,9 @@ class _SkipReport:
         self.file.write(json.dumps({"file": file, "line": line, "reason": reason}) + "\n")
 
     def close(self) -> None:
-        if self.file is not None:
+        if self.file is not None and not self.file.closed:
             self.file.close()
+            _publish(self.path.parent, SKIPPED_NAME)
 
 
 def _open_writer(options: BuildOptions, model, vocab_size: int, rank: int, state: dict) -> CacheWriter:
@@ -726,16 +767,19 @@ def _open_writer(options: BuildOptions, model, vocab_size: int, rank: int, state
                       hidden_width=model.config.hidden_size if options.hidden_layers else 0,
                       hidden_dtype=options.hidden_dtype)
     done = [ShardInfo(**s) for s in state.get("shards", [])]
+    remote = staged(options.out)
     writer = CacheWriter(Path(options.out), layout, rank=rank, shard_bytes=options.shard_bytes,
-                         first_index=len(done), zstd_level=options.zstd_level)
+                         first_index=len(done), zstd_level=options.zstd_level,
+                         publish=remote.publish if remote is not None else None)
     writer.shards = list(done)
     return writer
 
 
 def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, device, writer: CacheWriter,
-                  counts: DocumentCounts, rank: int, world: int, rows_done: int) -> int:
+                  counts: DocumentCounts, rank: int, world: int, rows_done: int, limit: int | None = None) -> int:
     """Forward passes over this rank's rows after the first ``rows_done``, each batch handed to the writer
-    thread; returns the rows done in all. Raises the writer's error, if it had one."""
+    thread; returns the rows done in all. Raises the writer's error, if it had one. ``limit``: stop after that
+    many rows (--estimate's sample)."""
     # Under tensor parallelism the head is a collective of the group: every rank computes the targets in the
     # same order on the main thread, and only the group's lead (the one with a writer) keeps them.
     defer = _defer_targets(options, device) and options.tp_size == 1
@@ -749,7 +793,7 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
     bar = _progress(options, rank) if writer is not None else None
     finished, split, first = False, None, True
     try:
-        for batch in _batches(options, tokenizer, counts, rank, world, rows_done):
+        for batch in _batches(options, tokenizer, counts, rank, world, rows_done, limit):
             if first:
                 first_row = torch.from_numpy(batch[0][1].input_ids.astype(np.int64))[None]
                 split, first = _split_head(options, model, first_row, device), False
@@ -773,14 +817,52 @@ def _teacher_pass(options: BuildOptions, model, tokenizer, vocab_size: int, devi
     return rows_done
 
 
+@dataclass
+class SamplePass:
+    """What `build --estimate` measures of the teacher pass over a sample (teacher.estimate)."""
+
+    rows: int
+    shards: list[ShardInfo]
+    """The sample's shards, closed."""
+    seconds: float
+    """The pass over the sample, from its first batch to its last shard closed (after the warm-up)."""
+    load_seconds: float
+    """Loading the teacher and its tokenizer."""
+    tokenizer: object
+
+
+def sample_pass(options: BuildOptions, rows: int) -> SamplePass:
+    """The teacher pass of ``options`` in this process over the first ``rows`` rows of --data (all of them,
+    --slice aside), as the build runs it, its shards written under ``options.out``: a scratch directory
+    (--estimate's temporary one) that gets shards and state files only. A warm-up pass over the first batch
+    goes before (into ``out``/warmup), so that the timed one pays no first-call costs (kernels, numba, the
+    allocator)."""
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    options = replace(options, slice=None, progress=False)
+    start = time.time()
+    tokenizer, model = load_teacher(options, device, dtype)
+    load_seconds = time.time() - start
+    vocab_size = len(tokenizer)
+    _check_model(options, model, vocab_size)
+    for run, limit in (("warmup", options.batch_size), ("sample", rows)):
+        scratch = replace(options, out=str(Path(options.out) / run))
+        (Path(scratch.out) / STATE_DIR).mkdir(parents=True)
+        writer = _open_writer(scratch, model, vocab_size, 0, {})
+        start = time.time()
+        done = _teacher_pass(scratch, model, tokenizer, vocab_size, device, writer, DocumentCounts(), 0, 1, 0, limit)
+    return SamplePass(done, list(writer.shards), time.time() - start, load_seconds, tokenizer)
+
+
 def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer, vocab_size: int, dtype,
                     device, counts: DocumentCounts, world: int, report: _SkipReport):
     """Rank 0, once every rank is done: the manifest over all ranks' shards (from their state files), with
     the bad records and ignored files counted in ``extra``. Returns its totals."""
     out = Path(options.out)
     shards = []
+    remote = staged(out)  # a build into a URL: the ranks of other nodes staged their state elsewhere
     for r in range(world):
-        rs = json.loads((out / STATE_DIR / f"rank-{r:03d}.json").read_text())
+        rs = remote.read_state(r) if remote else json.loads((out / STATE_DIR / f"rank-{r:03d}.json").read_text())
         shards += [ShardInfo(**s) for s in rs.get("shards", [])]
     manifest = writer.finish(
         targets=options.targets,
@@ -794,7 +876,9 @@ def _write_manifest(options: BuildOptions, writer: CacheWriter, model, tokenizer
                       documents_skipped=dict(counts.skipped)),
         extra={"world_size": world, "tp_size": options.tp_size, "batch_size": options.batch_size, "device": str(device),
                "zstd_level": options.zstd_level, "bad_records": counts.bad, "ignored_files": len(report.ignored),
-               "skipped_report": SKIPPED_NAME if report.file is not None else None}, all_shards=shards)
+               "skipped_report": SKIPPED_NAME if report.file is not None else None,
+               **({SLICE_KEY: Slice.parse(options.slice).record()} if options.slice is not None else {})},
+        all_shards=shards)
     return manifest.totals
 
 

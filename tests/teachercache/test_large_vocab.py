@@ -179,9 +179,14 @@ def _max_error(q: S.Quantizer, lp: np.ndarray) -> np.ndarray:
     return np.array([q.max_error(-x) for x in lp.tolist()])
 
 
+FORWARD_ATOL = 3e-4
+"""The build's float32 forward (its batch, its chunked head) against the reference's one-row float32 forward:
+under 1e-4 apart on one CPU, up to 1.3e-4 (log-probs) and 1.1e-4 (rest mass) on another (AMD EPYC)."""
+
+
 @torch.no_grad()
 def _check_against_reference(cache: Cache, teacher: Path, tok,
-                             entropy_atol: float = 1 / 2048 + 1e-4) -> np.ndarray:
+                             entropy_atol: float = 1 / 2048 + FORWARD_ATOL) -> np.ndarray:
     """Every stored position against a float64 log-softmax of the model's own forward over the tokenizer's
     ids (the padding columns dropped); returns all stored ids. Entropy within ``entropy_atol`` nats (default:
     half the stored code's 1/1024-nat step, and float32 rounding)."""
@@ -203,11 +208,11 @@ def _check_against_reference(cache: Cache, teacher: Path, tok,
             ids = torch.from_numpy(batch.target_ids[e0:e1].astype(np.int64))
             want = lp[pos, ids]                                                           # (E,)
             got = batch.target_logprobs[e0:e1]
-            assert (np.abs(got - want.numpy()) <= _max_error(q, want.numpy()) + 1e-4).all()
+            assert (np.abs(got - want.numpy()) <= _max_error(q, want.numpy()) + FORWARD_ATOL).all()
             stored = torch.zeros(len(at), dtype=torch.float64).index_add_(0, pos, want.exp())
-            np.testing.assert_allclose(batch.rest_mass[p0:p1], 1 - stored.numpy(), atol=1e-4)
+            np.testing.assert_allclose(batch.rest_mass[p0:p1], 1 - stored.numpy(), atol=FORWARD_ATOL)
             np.testing.assert_allclose(batch.label_logprob[p0:p1], lp[torch.arange(len(at)), tokens[at + 1]],
-                                       atol=1 / 2048 + 1e-4)
+                                       atol=1 / 2048 + FORWARD_ATOL)
             np.testing.assert_allclose(batch.entropy[p0:p1], -(lp.exp() * lp).sum(-1), atol=entropy_atol)
             assert all(len(set(ids[pos == j].tolist())) == n for j, n in enumerate(sizes.tolist()))  # distinct
             if cache.layout.sampled:

@@ -34,7 +34,8 @@ def test_round_trip(cache):
     path, manifest = cache
     assert read_manifest(path) == manifest
     raw = json.loads((path / MANIFEST_NAME).read_text())
-    assert raw["format"] == "teachercache" and raw["format_version"] == S.FORMAT_VERSION == 2
+    assert raw["format"] == "teachercache" and raw["format_version"] == S.FORMAT_VERSION == 3
+    assert "format_version" not in raw["layout"]  # the version sits beside the layout, as in version 2
     assert raw["layout"]["vocab_size"] == 300 and raw["totals"]["rows"] == 2
     assert raw["shards"][0]["file"] == "shards/part-r000-00000.arrow"
 
@@ -48,7 +49,8 @@ def test_round_trip(cache):
     (lambda r: r["shards"][0].update(rows=-1), CacheFormatError, "negative"),
     (lambda r: r["totals"].update(rows=99), CacheFormatError, "totals"),
     (lambda r: r["layout"].update(vocab_size=0), CacheFormatError, "layout"),
-    (lambda r: r.update(format_version=3), CacheVersionError, "format_version: 3.*release that reads it"),
+    (lambda r: r.update(format_version=4), CacheVersionError, "format_version: 4, this reader reads versions 2 and 3.*"
+                                                              "release that reads it"),
     (lambda r: r.update(format_version=1), CacheVersionError, "format_version: 1.*older teachercache.*rebuild"),
     (lambda r: r.update(format_version=2.0), CacheVersionError, "format_version: 2.0"),
     (lambda r: r.update(format="other"), CacheFormatError, "format"),

@@ -66,7 +66,7 @@ def _remove(cache):
 
 def _newer_version(cache):
     raw = json.loads((cache / MANIFEST_NAME).read_text())
-    raw["format_version"] = 3
+    raw["format_version"] = S.FORMAT_VERSION + 1
     (cache / MANIFEST_NAME).write_text(json.dumps(raw))
     return cache / MANIFEST_NAME
 
@@ -85,7 +85,7 @@ def _stray(cache):
 
 
 @pytest.mark.parametrize("damage, problem", [
-    (_truncate, "size"), (_flip, "SHA-256"), (_remove, "missing"), (_newer_version, "format_version: 3"),
+    (_truncate, "size"), (_flip, "SHA-256"), (_remove, "missing"), (_newer_version, f"format_version: {S.FORMAT_VERSION + 1}"),
     (_escape, "not a plain relative path"), (_stray, "not listed in the manifest"),
 ])
 def test_damage_is_reported_with_the_file_and_a_nonzero_exit(cache, damage, problem):
