@@ -36,6 +36,9 @@ SentencePiece-style BPE (tools/make_student_tokenizer.py: CE twin, ``exact``, ``
 byte on the held-out split:
 
     python tools/study.py --cross-tokenizer --out runs/study          # shares the main study's top-64 cache
+
+``--frontier-from docs/data/study_2026-11-29.json`` trains nothing: it builds the caches (as this release writes
+them) and plots the earlier runs' perplexities against their bytes per token (frontier.md, frontier.png).
 """
 
 from __future__ import annotations
@@ -142,6 +145,10 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=list(ARMS))
     ap.add_argument("--cross-tokenizer", action="store_true",
                     help="Run the cross-tokenizer study instead (CROSS_ARMS; see cross_tokenizer_study).")
+    ap.add_argument("--frontier-from", metavar="JSON",
+                    help="Train nothing: plot the quality-per-byte frontier of the arms' perplexities in JSON ({arm: "
+                         "{perplexity, spread}}, e.g. an earlier study.json's results) against the bytes per token of "
+                         "the caches as this release builds them (built in --out if missing).")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="Evaluate and tabulate the runs already in --out (any seeds); train nothing.")
     args = ap.parse_args()
@@ -151,6 +158,9 @@ def main() -> None:
     work = Path(args.out)
     t0 = time.perf_counter()
     caches = build_caches(work, args.docs, args.seq_len)
+    if args.frontier_from:
+        frontier_only(work, caches, json.loads(Path(args.frontier_from).read_text()))
+        return
     results = {}
     for arm in args.arms:
         seeds = list(range(args.seeds))
@@ -222,6 +232,31 @@ def plot(results: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def frontier_only(work: Path, caches: dict, earlier: dict) -> None:
+    """--frontier-from: the earlier runs' perplexities (``earlier``: {arm: {perplexity, spread}} or a study.json)
+    beside the bytes per token of the caches just built, as a table (frontier.md) and the frontier plot. Valid
+    when the earlier runs trained on the same decoded targets (a new codec that stores the same values)."""
+    earlier = earlier.get("results", earlier)
+    results = {}
+    for arm, r in earlier.items():
+        cache = ARMS[arm].get("cache") if arm in ARMS else None
+        kd_arm = arm not in ("ce", "online") and cache is not None
+        results[arm] = {"perplexity": r["perplexity"], "spread": r.get("spread", 0.0),
+                        "bytes_per_token": caches[cache]["bytes_per_token"] if kd_arm else None,
+                        "hidden_bytes_per_token": caches[cache]["hidden_bytes_per_token"] if arm == "sampled-hint" else None}
+    lines = ["| arm | val perplexity (earlier runs) | cache bytes/token now | ids/position |", "| --- | ---: | ---: | ---: |"]
+    for arm, r in results.items():
+        cache = ARMS.get(arm, {}).get("cache")
+        b = f"{r['bytes_per_token']:.1f}" if r["bytes_per_token"] else "—"
+        ids = f"{caches[cache]['ids_per_position']:.1f}" if r["bytes_per_token"] else "—"
+        lines.append(f"| {arm} | {r['perplexity']:.1f} ± {r['spread']:.1f} | {b} | {ids} |")
+    table = "\n".join(lines)
+    (work / "frontier.md").write_text(table + "\n")
+    plot_frontier(results, work / "frontier.png")
+    print(table)
+    print(json.dumps({"bench": "study-frontier", "caches": caches, "results": results}))
 
 
 def plot_frontier(results: dict, png: Path, title: str = "Quality per byte (demo teacher)") -> None:

@@ -331,14 +331,14 @@ def merge_command(parts, out, copy):
     """Join the caches of `build --slice i/n` jobs (PART... = slices 0..n-1, each once, any order) into one cache
     at --out. The parts must agree on teacher, tokenizer, targets, seq-len, corpus and format; each refusal names
     the part and the field. The manifest references the parts' shards (same filesystem; keep the parts) unless
-    --copy copies them in. Parts or --out at URLs (s3://...) take --copy: each shard is streamed through this
-    machine with its SHA-256 checked. docs/scale.md has SLURM and Kubernetes scripts.
+    --copy copies them in. At URLs (s3://...) references stay within one bucket; --copy streams each shard
+    through this machine with its SHA-256 checked. docs/scale.md has SLURM and Kubernetes scripts.
 
     \b
     Example:
       teachercache merge /scratch/c-0 /scratch/c-1 /scratch/c-2 --out /scratch/cache
       teachercache merge /scratch/c-* --out /data/cache --copy
-      teachercache merge s3://bucket/c-0 s3://bucket/c-1 --out s3://bucket/cache --copy
+      teachercache merge s3://bucket/c-0 s3://bucket/c-1 --out s3://bucket/cache
     """
     from teachercache.format.merge import merge_caches
 

@@ -217,14 +217,18 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
+def read_manifest(cache_dir: str | os.PathLike, check_reference=None) -> Manifest:
     """Read and check CACHE/manifest.json; every problem is a CacheError naming the file and field.
 
     The file is parsed within the size and depth limits above (``read_json_file``); every declared size is
     checked against its limit, against the other fields and against the tokenizer files' sizes
     (``check_limits``) before anything is sized from it. Reading is linear in the number of shard entries
     (4 s per million on a 2-core machine): C loops check the shard list a column at a time, and each distinct
-    shard directory is resolved once (``confine_paths``)."""
+    shard directory is resolved once (``confine_paths``).
+
+    ``check_reference(base, where)``, where given, judges each other cache that the manifest's references
+    name (``is_reference``: ``base`` is the path up to /shards/) instead of the local filesystem: a cache
+    read from a URL (format.mirror) checks that it is a complete cache in the same bucket."""
     path = Path(cache_dir) / MANIFEST_NAME
     where = str(path)
     if not Path(cache_dir).is_dir():
@@ -236,7 +240,13 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
         raw = read_json_file(path, MAX_MANIFEST_BYTES, max_depth=None)  # typed fields; check_limits bounds extra
         manifest = _parse_manifest(raw, where)
         check_limits(manifest, cache_dir)
-        confine_paths(cache_dir, [s.file for s in manifest.shards], where)
+        files = [s.file for s in manifest.shards]
+        if check_reference is None:
+            confine_paths(cache_dir, files, where)
+        else:
+            confine_paths(cache_dir, [f for f in files if not is_reference(f)], where)
+            for base in dict.fromkeys(f.rpartition(f"/{SHARDS_DIR}/")[0] for f in files if is_reference(f)):
+                check_reference(base, where)
     return manifest
 
 
@@ -632,7 +642,7 @@ def is_reference(relative: str) -> bool:
     return len(relative) <= MAX_PATH_CHARS and _REFERENCE.fullmatch(relative) is not None
 
 
-_REFERENCE_FIX = ("the merged cache reads its parts' shards where they lie: put the part back, or merge the parts "
+REFERENCE_FIX = ("the merged cache reads its parts' shards where they lie: put the part back, or merge the parts "
                   "again with --copy")
 
 
@@ -650,13 +660,13 @@ def referenced_cache(cache_dir: str | os.PathLike, base: str, where: str) -> str
             devices.add(os.stat(shards).st_dev)
     except OSError:
         raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: the cache it references, {other}, does "
-                             "not exist", _REFERENCE_FIX) from None
+                             "not exist", REFERENCE_FIX) from None
     if len(devices) > 1:
         raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: the cache it references, {other}, lies on "
-                             "another filesystem; references stay within one filesystem", _REFERENCE_FIX)
+                             "another filesystem; references stay within one filesystem", REFERENCE_FIX)
     if not os.path.isfile(os.path.join(other, MANIFEST_NAME)):
         raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: {other} is not a complete cache (it has "
-                             f"no {MANIFEST_NAME}); a reference may only name another cache's shard", _REFERENCE_FIX)
+                             f"no {MANIFEST_NAME}); a reference may only name another cache's shard", REFERENCE_FIX)
     return other
 
 

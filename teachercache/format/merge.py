@@ -21,9 +21,10 @@ which must still be a complete cache on the same filesystem. Merge refuses a par
 --out (a reader elsewhere may mount the two apart): --copy copies every shard into CACHE/shards/ as
 ``slice-IIIII-NAME`` (checking each one's SHA-256 as it is copied), and the merged cache stands alone.
 
-Parts or --out at URLs (s3://...) take --copy (``_merge_through_storage``): a cache at a URL holds its shards
-under its own prefix, so each shard is streamed down with its SHA-256 checked and uploaded whole, the manifest
-last as one object.
+Parts and --out at URLs (s3://...; ``_merge_through_storage``): without --copy they must share one bucket, and
+the manifest references the parts' objects by the same relative paths (a reader at the URL checks that each
+referenced part has a manifest and stays in the bucket); with --copy each shard is streamed down with its
+SHA-256 checked and uploaded whole. The manifest is written last, as one object.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -315,17 +317,20 @@ def _copy_shards(part: Path, m: Manifest, out: Path, index: int) -> list[ShardIn
 
 
 def _merge_through_storage(parts: list[str], out: str, options: MergeOptions) -> Manifest:
-    """merge_caches where a part or --out is a URL: the same checks, then every shard copied into OUT/shards/
-    (streamed down with its SHA-256 checked, then uploaded whole: object stores have no path a reader could
-    follow to another prefix, so a merged cache at a URL holds its own shards), the tokenizer and the skipped
-    list of slice 0, and the manifest last, as one object. An --out that a merge left without its manifest is
-    cleared and written again; one two merges write at once is not protected (give each merge its own --out)."""
+    """merge_caches where a part or --out is a URL: the same checks, then every shard referenced (all in one
+    bucket) or copied into OUT/shards/ (--copy: streamed down with its SHA-256 checked, then uploaded whole),
+    the tokenizer and the skipped list of slice 0, and the manifest last, as one object. An --out that a merge
+    left without its manifest is cleared and written again; one two merges write at once is not protected
+    (give each merge its own --out)."""
     from teachercache.format.cache import Cache  # format.cache imports this package's modules
 
+    target = open_storage(out)
     if not options.copy:
-        raise MergeError(f"{next(p for p in [*parts, out] if is_url(p))}: a merge at a URL copies the parts' shards "
-                         "(a cache at a URL holds its shards under its own prefix; there are no references there): "
-                         "add --copy")
+        bucket = _bucket(target)
+        for p in parts:
+            if _bucket(open_storage(p)) != bucket:
+                raise MergeError(f"{p}: not in the bucket of --out {out}; a reference stays within one bucket (or "
+                                 "filesystem): merge with --copy, or write --out beside the parts")
     if len({p.rstrip("/") for p in parts}) != len(parts) or out.rstrip("/") in {p.rstrip("/") for p in parts}:
         raise MergeError(f"--out {out}: give each part once, and write the merged cache to a place of its own")
     manifests = [Cache.open(p, verify_checksums=False).manifest for p in parts]
@@ -335,10 +340,9 @@ def _merge_through_storage(parts: list[str], out: str, options: MergeOptions) ->
         _check_same(parts[i], manifests[i], parts[first], manifests[first])
     for part, m in zip(parts, manifests):
         _check_shard_files(part, m)
-    target = open_storage(out)
     _claim_storage(target)
     target.write_bytes(MARKER, json.dumps(marker_json("cache", {f"{MERGE_KEY}.parts": parts,
-                                                                f"{MERGE_KEY}.copy": True}), indent=1).encode())
+                                                                f"{MERGE_KEY}.copy": options.copy}), indent=1).encode())
     source0 = open_storage(parts[first])
     for name, size in sorted(source0.list(TOKENIZER_DIR).items()):
         target.write_bytes(f"{TOKENIZER_DIR}/{name}", source0.read_bytes(f"{TOKENIZER_DIR}/{name}", size or 0))
@@ -346,6 +350,10 @@ def _merge_through_storage(parts: list[str], out: str, options: MergeOptions) ->
     with tempfile.TemporaryDirectory(prefix="teachercache-merge-") as scratch:
         for index, i in enumerate(order):
             source, m = open_storage(parts[i]), manifests[i]
+            if not options.copy:
+                shards += _reference_objects(parts[i], source, m, target)
+                records.append({"slice": index, "path": parts[i], "rows": m.totals.rows, "shards": len(m.shards)})
+                continue
             for s in m.shards:
                 file = f"{SHARDS_DIR}/slice-{index:05d}-{s.file.rpartition('/')[2]}"
                 local = Path(scratch) / "shard.arrow"
@@ -354,7 +362,7 @@ def _merge_through_storage(parts: list[str], out: str, options: MergeOptions) ->
                 local.unlink()
                 shards.append(dataclasses.replace(s, file=file))
             records.append({"slice": index, "path": parts[i], "rows": m.totals.rows, "shards": len(m.shards)})
-        extra = {MERGE_KEY: {"count": len(parts), "rule": RULE, "copy": True, "parts": records}}
+        extra = {MERGE_KEY: {"count": len(parts), "rule": RULE, "copy": options.copy, "parts": records}}
         if source0.exists(SKIPPED_NAME):
             source0.download(SKIPPED_NAME, Path(scratch) / SKIPPED_NAME)
             target.put_file(Path(scratch) / SKIPPED_NAME, SKIPPED_NAME)
@@ -364,6 +372,32 @@ def _merge_through_storage(parts: list[str], out: str, options: MergeOptions) ->
                             data=m0.data, shards=shards, totals=Totals.of(shards), extra=extra)
         target.put_file(write_manifest(scratch, manifest), MANIFEST_NAME)  # last: one object, whole or not at all
     return Cache.open(out, verify_checksums=False).manifest
+
+
+def _bucket(storage) -> str | None:
+    """The bucket (an object store's; for other protocols the top directory) of a storage at a URL; None for a
+    local one."""
+    return f"{storage.url.split('://', 1)[0]}://{storage.root.split('/', 1)[0]}" if storage.remote else None
+
+
+def _reference_objects(part: str, source, m: Manifest, target) -> list[ShardInfo]:
+    """The part's shards as references from ``target`` (``../PART/shards/NAME``, within the bucket), each one
+    checked to be there with its recorded size."""
+    base = posixpath.relpath(source.root, target.root)
+    listed = source.list(SHARDS_DIR)
+    shards = []
+    for s in m.shards:
+        name = s.file.rpartition("/")[2]
+        if listed.get(name) != s.bytes:
+            raise CacheCorruptError(source.location(s.file), f"size {listed.get(name)} bytes, the part's manifest "
+                                    f"says {s.bytes}", "rebuild that slice or restore the object")
+        file = f"{base}/{s.file}"
+        if not is_reference(file):
+            raise MergeError(f"{part}: its shard's path from --out, {file!r}, cannot be written as a reference (a "
+                             "relative path of plain names, at most 1024 characters): merge with --copy, or put "
+                             "--out beside the parts")
+        shards.append(dataclasses.replace(s, file=file))
+    return shards
 
 
 def _claim_storage(target) -> None:

@@ -45,7 +45,8 @@ import numpy as np
 from teachercache.errors import (CacheCorruptError, CacheError, CacheFormatError, CacheIncompleteError,
                                  CacheLimitError, CachePathError, StorageError)
 from teachercache.format.cache import MAX_TOKENIZER_BYTES, MAX_TOKENIZER_FILES  # checked on the listing
-from teachercache.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, Manifest, read_manifest
+from teachercache.format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REFERENCE_FIX, SHARDS_DIR, TOKENIZER_DIR,
+                                         Manifest, read_manifest)
 from teachercache.format.shards import ShardInfo, file_sha256
 from teachercache.format.storage import Storage, download_file
 
@@ -133,13 +134,19 @@ class Mirror:
         if TOKENIZER_DIR in listing:
             self._download_tokenizer()
         try:
-            return read_manifest(self.view)
+            return read_manifest(self.view, check_reference=self._check_reference)
         except CachePathError as e:
             raise CachePathError(self.storage.location(MANIFEST_NAME), e.problem.replace(str(self.view), url),
-                                 "a cache read from a URL holds its shards under its own prefix: merge its parts "
-                                 "with --copy") from None
+                                 e.fix) from None
         except CacheError as e:
             raise e.naming(str(self.view), url) from None
+
+    def _check_reference(self, base: str, where: str) -> None:
+        """A merged cache's reference at a URL (``../PART/shards/...``) must name a complete cache (one with a
+        manifest) in the same bucket; its shards are checked against the manifest's SHA-256 as they stream."""
+        if not self.storage.exists(f"{base}/{MANIFEST_NAME}"):  # CachePathError if it leaves the bucket
+            raise CachePathError(where, f"shard path {base}/{SHARDS_DIR}/...: {self.storage.location(base)} is not a "
+                                 f"complete cache (it has no {MANIFEST_NAME})", REFERENCE_FIX)
 
     def _download_tokenizer(self) -> None:
         where = self.storage.location(TOKENIZER_DIR)

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import threading
 from pathlib import Path
 from typing import Protocol
 
-from teachercache.errors import CacheCorruptError, StorageError
+from teachercache.errors import CacheCorruptError, CachePathError, StorageError
 
 CHUNK_BYTES = 8 << 20
 """Bytes per read when a file is streamed down: each is one ranged GET on an object store."""
@@ -186,7 +187,17 @@ class FsspecStorage:
         self.__dict__.update(state)
 
     def _path(self, relative: str) -> str:
-        return f"{self.root}/{relative}" if relative else self.root
+        if not relative:
+            return self.root
+        if not relative.startswith("../"):
+            return f"{self.root}/{relative}"
+        # a merged cache's reference to another cache's object (format.manifest.is_reference): it must stay in
+        # the bucket (the first component of the filesystem's path)
+        joined = posixpath.normpath(f"{self.root}/{relative}")
+        if joined.startswith("..") or joined.split("/", 1)[0] != self.root.split("/", 1)[0]:
+            raise CachePathError(self.location(relative), "leaves the bucket (or top directory) of the cache",
+                                 "a reference names another cache in the same bucket")
+        return joined
 
     def location(self, relative: str = "") -> str:
         return f"{self.url}/{relative}" if relative else self.url

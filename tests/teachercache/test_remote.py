@@ -26,7 +26,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev e
 from click.testing import CliRunner  # noqa: E402
 
 from teachercache.cli import main  # noqa: E402
-from teachercache.errors import CacheCorruptError, CacheIncompleteError, StorageError  # noqa: E402
+from teachercache.errors import CacheCorruptError, CacheError, CacheIncompleteError, StorageError  # noqa: E402
 from teachercache.format.cache import Cache  # noqa: E402
 from teachercache.format.manifest import TargetSpec  # noqa: E402
 from teachercache.format.mirror import stream_batch_rows  # noqa: E402
@@ -339,20 +339,22 @@ def test_two_nodes_build_into_s3_and_train_from_it_as_from_disk(built, s3, tmp_p
 
 
 def test_slices_built_into_s3_merge_there_into_the_one_job_build(built, s3, tmp_path):
-    """`build --slice i/3 --out s3://...` three times, `merge --copy` into s3:// (and from S3 into a local
-    directory): the one-job build's rows, value for value; without --copy the merge is refused naming it."""
+    """`build --slice i/3 --out s3://...` three times, then `merge` in the bucket by reference (the default) and
+    with --copy (into the bucket, and from it into a local directory): each is the one-job build's rows, value
+    for value. A reference out of the bucket is refused, and a referenced part that is gone is named."""
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import cache_rows, global_row_indices
 
     local, _ = built
-    parts = [f"s3://{BUCKET}/slice-{i}" for i in range(3)]
+    parts = [f"s3://{BUCKET}/slices/c-{i}" for i in range(3)]
     for i, part in enumerate(parts):
         build_cache(_build_options(part, slice=f"{i}/3"))
-    refused = CliRunner().invoke(main, ["merge", *parts, "--out", f"s3://{BUCKET}/merged"])
-    assert refused.exit_code == 1 and "add --copy" in refused.output and parts[0] in refused.output
+    refused = CliRunner().invoke(main, ["merge", *parts, "--out", str(tmp_path / "not-in-the-bucket")])
+    assert refused.exit_code == 1 and "not in the bucket of --out" in refused.output and "--copy" in refused.output
     whole = cache_rows(local)
-    for out in (f"s3://{BUCKET}/merged", str(tmp_path / "merged")):
-        result = CliRunner().invoke(main, ["merge", parts[2], parts[0], parts[1], "--out", out, "--copy"])
+    merged = {f"s3://{BUCKET}/merged-ref": [], f"s3://{BUCKET}/merged": ["--copy"], str(tmp_path / "merged"): ["--copy"]}
+    for out, flags in merged.items():
+        result = CliRunner().invoke(main, ["merge", parts[2], parts[0], parts[1], "--out", out, *flags])
         assert result.exit_code == 0, result.output
         assert verify_cache(out, deep=True) == []
         got = [g for part in parts for g in global_row_indices(part)]  # slice 0's rows, then 1's, then 2's
@@ -361,5 +363,13 @@ def test_slices_built_into_s3_merge_there_into_the_one_job_build(built, s3, tmp_
         for g, row in zip(got, rows):
             for name in whole[g]:
                 np.testing.assert_array_equal(row[name], whole[g][name], err_msg=f"{out}, row {g}: {name}")
+    files = [sh.file for sh in Cache.open(f"s3://{BUCKET}/merged-ref").shards]
+    assert files[0].startswith("../slices/c-0/shards/") and all(f.startswith("../slices/c-") for f in files)
+    assert not s3.exists(f"{BUCKET}/merged-ref/shards")  # the references' objects are the parts' own
     again = CliRunner().invoke(main, ["merge", *parts, "--out", f"s3://{BUCKET}/merged", "--copy"])
     assert again.exit_code == 1 and "not empty" in again.output
+    s3.rm(f"{BUCKET}/slices/c-1/manifest.json")
+    with pytest.raises(CacheError, match=r"shard path \.\./slices/c-1/shards/\.\.\.: s3://.*/slices/c-1 is not a "
+                                         "complete cache"):
+        Cache.open(f"s3://{BUCKET}/merged-ref")
+    s3.invalidate_cache()

@@ -185,7 +185,7 @@ def test_out_is_refused_when_it_is_taken_and_references_when_their_part_is_gone(
     with pytest.raises(CachePathError, match=f"{MANIFEST_NAME}: shard path ../{parts[1].name}/shards/...: the cache "
                                              "it references, .* does not exist"):
         Cache.open(tmp_path / "elsewhere" / "merged")
-    with pytest.raises(MergeError, match="^s3://bucket/c-0: a merge at a URL copies .*: add --copy"):
+    with pytest.raises(MergeError, match="^s3://bucket/c-0: not in the bucket of --out .*: merge with --copy"):
         merge_caches(["s3://bucket/c-0", *parts[1:]], tmp_path / "from-a-bucket")  # (test_remote.py: with it)
 
 
