@@ -354,7 +354,7 @@ def cross_tokenizer_study(args) -> None:
         gain = results["same-ce"]["bits_per_byte"] - results["same-kd"]["bits_per_byte"]
         for name, r in results.items():
             base = results["own-ce" if name.startswith("own") else "same-ce"]["bits_per_byte"]
-            r["recovered"] = (base - r["bits_per_byte"]) / gain if gain else None
+            r["recovered"] = (base - r["bits_per_byte"]) / gain if gain > 0 else None  # no gain to recover
     table = format_cross_table(results, stats)
     (work / "cross_tokenizer.md").write_text(table + "\n")
     (work / "cross_tokenizer.json").write_text(json.dumps({"args": vars(args), "alignment": stats,
