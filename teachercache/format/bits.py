@@ -44,8 +44,15 @@ def put_varint(out, pos, value):
 @numba.njit(nogil=True, cache=True, inline="always")
 def get_varint(buf, pos, end):
     """(value, new_pos); new_pos = -1 if the varint runs past ``end`` or is longer than 3 bytes."""
+    return _read_varint(buf, pos, end, MAX_VARINT_BYTES)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _read_varint(buf, pos, end, max_bytes):
+    """(value, new_pos) of the varint at ``pos``; new_pos = -1 if it runs past ``end`` or is longer than
+    ``max_bytes``."""
     value = np.int64(0)
-    for i in range(MAX_VARINT_BYTES):
+    for i in range(max_bytes):
         if pos >= end:
             return value, -1
         byte = np.int64(buf[pos])
@@ -65,16 +72,7 @@ bytes): values < 2**35."""
 def get_header_varint(buf, pos, end):
     """get_varint for header counts: (value, new_pos); new_pos = -1 if it runs past ``end`` or is longer
     than MAX_HEADER_VARINT_BYTES."""
-    value = np.int64(0)
-    for i in range(MAX_HEADER_VARINT_BYTES):
-        if pos >= end:
-            return value, -1
-        byte = np.int64(buf[pos])
-        pos += 1
-        value |= (byte & 0x7F) << (7 * i)
-        if byte < 0x80:
-            return value, pos
-    return value, -1
+    return _read_varint(buf, pos, end, MAX_HEADER_VARINT_BYTES)
 
 
 def varint_reference(value: int) -> bytes:

@@ -270,13 +270,18 @@ def _reference(part: Path, m: Manifest, out: Path) -> list[ShardInfo]:
     shards = []
     for s in m.shards:
         _check_size(part, s)
-        file = f"{base}/{s.file}"
-        if not is_reference(file):
-            raise MergeError(f"{part}: its shard's path from --out, {file!r}, cannot be written as a reference "
-                             "(a relative path of plain names, at most 1024 characters): merge with --copy, or "
-                             "put --out beside the parts")
-        shards.append(dataclasses.replace(s, file=file))
+        shards.append(_as_reference(part, base, s))
     return shards
+
+
+def _as_reference(part, base: str, s: ShardInfo) -> ShardInfo:
+    """Shard ``s`` of ``part`` named by its path from --out (``base``: the part's directory from there)."""
+    file = f"{base}/{s.file}"
+    if not is_reference(file):
+        raise MergeError(f"{part}: its shard's path from --out, {file!r}, cannot be written as a reference "
+                         "(a relative path of plain names, at most 1024 characters): merge with --copy, or "
+                         "put --out beside the parts")
+    return dataclasses.replace(s, file=file)
 
 
 def _check_size(part: Path, s: ShardInfo) -> None:
@@ -391,12 +396,7 @@ def _reference_objects(part: str, source, m: Manifest, target) -> list[ShardInfo
         if listed.get(name) != s.bytes:
             raise CacheCorruptError(source.location(s.file), f"size {listed.get(name)} bytes, the part's manifest "
                                     f"says {s.bytes}", "rebuild that slice or restore the object")
-        file = f"{base}/{s.file}"
-        if not is_reference(file):
-            raise MergeError(f"{part}: its shard's path from --out, {file!r}, cannot be written as a reference (a "
-                             "relative path of plain names, at most 1024 characters): merge with --copy, or put "
-                             "--out beside the parts")
-        shards.append(dataclasses.replace(s, file=file))
+        shards.append(_as_reference(part, base, s))
     return shards
 
 

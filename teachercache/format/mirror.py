@@ -194,8 +194,15 @@ class Mirror:
             _POOL.clear()  # the next prefetch starts new workers
             return self._ensure(info)
         except OSError as e:
-            raise StorageError(f"{self.shard_dir}: cannot write the local copy of {self.storage.location(info.file)} "
-                               f"({e.strerror or e}); free space there or choose another --cache-dir") from None
+            raise self._local_copy_error(info, e) from None
+        return self._downloaded(info)
+
+    def _local_copy_error(self, info: ShardInfo, e: OSError) -> StorageError:
+        return StorageError(f"{self.shard_dir}: cannot write the local copy of {self.storage.location(info.file)} "
+                            f"({e.strerror or e}); free space there or choose another --cache-dir")
+
+    def _downloaded(self, info: ShardInfo) -> bool:
+        """A fresh, verified local copy of ``info``: checked, and the directory kept within its budget; True."""
         self._checked.add(info.sha256)
         self._evict(keep=info.sha256)
         return True
@@ -219,11 +226,8 @@ class Mirror:
                 return False
             self.storage.download(info.file, path, size=info.bytes, sha256=info.sha256)
         except OSError as e:
-            raise StorageError(f"{self.shard_dir}: cannot write the local copy of {self.storage.location(info.file)} "
-                               f"({e.strerror or e}); free space there or choose another --cache-dir") from None
-        self._checked.add(info.sha256)
-        self._evict(keep=info.sha256)
-        return True
+            raise self._local_copy_error(info, e) from None
+        return self._downloaded(info)
 
     def plan(self, shards: Sequence[ShardInfo]) -> None:
         """The shards in the order they will be read; the first ``prefetch`` start downloading now."""
